@@ -1,0 +1,141 @@
+"""Time one optimisation step (forward + loss + backward + AdamW step) of CDDS against the base model.
+
+    python -m benchmarks.cdds_step                      # batch 64, d 512, depth 2, z 4, MiniLM
+    python -m benchmarks.cdds_step --text-encoder tiny  # the image side and CDDS's UNets dominate
+
+Image features are random, shaped like the synthetic data (12 regions x 256 dims); captions are random
+token ids of 12-18 tokens (~15). Each method runs in its own fresh process (spawn), so neither sees
+the other's allocator state. Prints the median step time of each method, the ratio CDDS / base and
+the step's peak memory: peak resident set size during the warm-up and timed steps minus the resident
+size just before them (Linux VmHWM, reset through /proc/self/clear_refs; where that is unavailable,
+the ru_maxrss growth over the steps, a lower bound).
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+import re
+import resource
+import statistics
+import sys
+import time
+
+import torch
+
+from trainables.config import JobConfig, ModelConfig, TrainConfig
+from trainables.methods import build_model
+from trainables.text_models import load_tokenizer
+
+
+def make_batch(batch: int, regions: int, image_dim: int, vocab: int, seed: int = 0) -> dict:
+    """A random batch in the loader's contract (docs/architecture.md); lengths 12..18 incl. CLS/SEP."""
+    gen = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(12, 19, (batch,), generator=gen)
+    max_len = int(lengths.max())
+    attention_mask = (torch.arange(max_len).unsqueeze(0) < lengths.unsqueeze(1)).long()
+    return {"images": torch.randn(batch, regions, image_dim, generator=gen),
+            "region_mask": torch.ones(batch, regions, dtype=torch.bool),
+            "input_ids": torch.randint(1000, vocab, (batch, max_len), generator=gen) * attention_mask,
+            "attention_mask": attention_mask, "image_ids": torch.arange(batch)}
+
+
+def _status_kb(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as status:
+            found = re.search(rf"^{field}:\s+(\d+) kB", status.read(), re.MULTILINE)
+    except OSError:
+        return None
+    return int(found.group(1)) if found else None
+
+
+def _reset_peak() -> bool:
+    """Reset VmHWM to the current RSS (Linux >= 4.0); False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as refs:
+            refs.write("5")
+        return _status_kb("VmHWM") is not None
+    except OSError:
+        return False
+
+
+def measure(job: JobConfig, batch: dict, image_dim: int, steps: int, warmup: int, threads: int) -> dict:
+    """Median step seconds over ``steps`` timed steps after ``warmup``, and the steps' peak memory (MB)."""
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(job.train.seed)
+    model = build_model(job, image_dim).train()
+    optimiser = torch.optim.AdamW(model.param_groups(job.train.lr, job.train.text_lr_scale),
+                                  weight_decay=job.train.weight_decay)
+    exact = _reset_peak()
+    before_kb = _status_kb("VmRSS") if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    times = []
+    for step in range(warmup + steps):
+        start = time.perf_counter()
+        out = model(batch)
+        loss = model.loss_terms(out, batch["image_ids"], epoch=1).total()
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), job.train.grad_clip)
+        optimiser.step()
+        if step >= warmup:
+            times.append(time.perf_counter() - start)
+    peak_kb = _status_kb("VmHWM") if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"seconds": statistics.median(times), "peak_mb": (peak_kb - before_kb) / 1024,
+            "exact_peak": exact, "params_m": params / 1e6, "threads": torch.get_num_threads()}
+
+
+def _child(queue, *args) -> None:
+    queue.put(measure(*args))
+
+
+def measure_in_fresh_process(*args) -> dict:
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    process = context.Process(target=_child, args=(queue, *args))
+    process.start()
+    result = queue.get()
+    process.join()
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--dim", type=int, default=512, help="embed_dim d")
+    parser.add_argument("--depth", type=int, default=2, help="cdds.unet_depth")
+    parser.add_argument("--noise-groups", type=int, default=4, help="cdds.noise_groups z")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--text-encoder", default="minilm", help="minilm | tiny | local checkpoint")
+    parser.add_argument("--pooling", default="gpo", choices=("mean", "max", "gpo"))
+    parser.add_argument("--regions", type=int, default=12)
+    parser.add_argument("--image-dim", type=int, default=256)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    args = parser.parse_args(argv)
+
+    model_cfg = ModelConfig(embed_dim=args.dim, text_encoder=args.text_encoder, pooling=args.pooling)
+    train_cfg = TrainConfig(batch_size=args.batch)
+    batch = make_batch(args.batch, args.regions, args.image_dim, load_tokenizer(args.text_encoder).vocab_size)
+    jobs = {"base": JobConfig(method="base", model=model_cfg, train=train_cfg),
+            "cdds": JobConfig(method="cdds", model=model_cfg, train=train_cfg,
+                              method_params={"unet_depth": args.depth, "noise_groups": args.noise_groups})}
+    results = {}
+    for name, job in jobs.items():
+        results[name] = r = measure_in_fresh_process(job, batch, args.image_dim, args.steps, args.warmup,
+                                                     args.threads)
+        print(f"{name:5s} {r['seconds'] * 1000:9.1f} ms/step (median of {args.steps})  "
+              f"peak +{r['peak_mb']:7.1f} MB{'' if r['exact_peak'] else ' (lower bound)'}  "
+              f"{r['params_m']:6.2f}M trainable params")
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"ratio cdds/base = {results['cdds']['seconds'] / results['base']['seconds']:.2f} time, "
+          f"{results['cdds']['peak_mb'] / max(results['base']['peak_mb'], 1e-9):.2f} peak memory  "
+          f"[text_encoder={args.text_encoder} batch={args.batch} d={args.dim} depth={args.depth} "
+          f"z={args.noise_groups} pooling={args.pooling} threads={results['cdds']['threads']} load1={load:.1f}]")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

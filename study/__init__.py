@@ -1,0 +1,1 @@
+"""Driver side of itm-study: CLI, study files, search, tracking, tables. Imports ``trainables``."""

@@ -1,0 +1,3 @@
+from study.cli import entry_point
+
+entry_point()

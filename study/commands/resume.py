@@ -1,0 +1,19 @@
+"""``study resume STUDY_DIR``: continue an interrupted study without repeating finished trials."""
+
+from __future__ import annotations
+
+from study.commands.run import report
+
+
+def add_parser(sub) -> None:
+    parser = sub.add_parser("resume", help="continue an interrupted study")
+    parser.add_argument("study_dir", help="the study directory (storage.path/NAME)")
+    parser.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS or local)")
+    parser.set_defaults(run=run)
+
+
+def run(args) -> int:
+    from study.engine import load_study_dir, resume_study
+
+    study = load_study_dir(args.study_dir)[0]
+    return report(resume_study(args.study_dir, address=args.address), study)

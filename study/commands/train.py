@@ -1,0 +1,28 @@
+"""``study train STUDY.yaml [--set k=v ...]``: one training run (no search) on Ray Train."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from study.config import load_study
+from study.output import print_metrics
+
+
+def add_parser(sub) -> None:
+    parser = sub.add_parser("train", help="one training run of the study's method on Ray Train")
+    parser.add_argument("study", help="study YAML file")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a study-file value, e.g. --set train.epochs=2 (repeatable)")
+    parser.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS or local)")
+    parser.set_defaults(run=run)
+
+
+def run(args) -> int:
+    from study.training import run_training  # imports Ray: keep `--help` and config errors fast
+
+    study = load_study(args.study, args.overrides)
+    result = run_training(study, address=args.address)
+    print_metrics(result.final, title=f"{study.name}: {study.method}, {study.train.epochs} epochs")
+    print(f"\nrun directory : {result.run_dir}")
+    print(f"MLflow        : mlflow ui --backend-store-uri {study.tracking.uri}  (run '{result.run_name}')")
+    return 0

@@ -1,0 +1,184 @@
+"""The study file (SPEC.md "Study file"): one YAML validated with pydantic before Ray starts.
+
+The worker-side sections (data, model, train) and each method's own section come from
+``trainables``; this module adds the driver-side ones (search, resources, tracking, storage,
+ablation), loads YAML, applies ``--set key=value`` overrides and turns every problem into one line.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field, PositiveInt, ValidationError, create_model, model_validator
+
+from trainables.config import DataConfig, JobConfig, ModelConfig, Section, TrainConfig
+from trainables.errors import ConfigError
+from trainables.methods import METHODS, get_method
+
+
+class SearchConfig(Section):
+    space: str | None = None  # YAML search-space file; None = the method's shipped default
+    params: dict[str, Any] = Field(default_factory=dict)  # inline additions / overrides of the space
+    algorithm: Literal["optuna-tpe", "random", "grid"] = "optuna-tpe"
+    num_samples: PositiveInt = 16
+    metric: str = "rsum"
+    mode: Literal["max", "min"] = "max"
+    scheduler: Literal["asha", "fifo"] = "asha"
+    grace_period: PositiveInt = 1
+    reduction_factor: float = Field(2.0, gt=1)
+    seed: int = 0
+    max_failures: int = Field(1, ge=0)  # retries of a failed trial before it is recorded as failed
+
+
+class ResourcesConfig(Section):
+    workers_per_trial: PositiveInt = 1
+    cpus_per_worker: float = Field(1.0, gt=0)
+    gpus_per_worker: float = Field(0.0, ge=0)
+    use_gpu: bool = False  # shorthand: one GPU per worker unless gpus_per_worker says otherwise
+    max_concurrent_trials: PositiveInt = 2
+
+    @property
+    def gpus(self) -> float:
+        return self.gpus_per_worker or (1.0 if self.use_gpu else 0.0)
+
+
+class TrackingConfig(Section):
+    uri: str = "sqlite:///mlruns.db"
+    experiment: str = "itm-study"
+
+
+class StorageConfig(Section):
+    path: str = "results"  # local dir, NFS path or s3:// (must be shared by all nodes of a cluster)
+
+
+class AblationConfig(Section):
+    variants: list[str] | None = None  # None = the method's registered ablation rows
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
+
+
+def _method_sections() -> dict[str, Any]:
+    return {name: (spec.section, spec.section()) for name, spec in METHODS.items() if spec.section}
+
+
+class _StudyBase(Section):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    method: str = "base"
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    search: SearchConfig = SearchConfig()
+    resources: ResourcesConfig = ResourcesConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    storage: StorageConfig = StorageConfig()
+    ablation: AblationConfig = AblationConfig()
+
+    @model_validator(mode="after")
+    def _known_method(self):
+        get_method(self.method)
+        return self
+
+    def method_params(self, method: str | None = None) -> dict:
+        section = getattr(self, method or self.method, None)
+        return section.model_dump(mode="json") if section is not None else {}
+
+    def job(self) -> JobConfig:
+        return JobConfig(method=self.method, data=self.data, model=self.model, train=self.train,
+                         method_params=self.method_params())
+
+
+# One field per registered method section (dias:, cdds:, ...), so a new method needs no edit here.
+StudyConfig = create_model("StudyConfig", __base__=_StudyBase, **_method_sections())
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    """The first problem as one line: ``source: section.key: what is wrong``."""
+    first = err.errors()[0]
+    where = ".".join(str(part) for part in first["loc"]) or "(top level)"
+    if first["type"] == "extra_forbidden":
+        parent = first["loc"][:-1]
+        allowed = ", ".join(sorted(_allowed_keys(parent)))
+        return f"{source}: unknown key '{where}'; allowed here: {allowed}"
+    if first["type"] == "missing":
+        return f"{source}: missing required key '{where}'"
+    return f"{source}: {where}: {first['msg']} (got {first.get('input')!r})"
+
+
+def _allowed_keys(path: tuple) -> list[str]:
+    model = StudyConfig
+    for part in path:
+        annotation = model.model_fields[str(part)].annotation
+        model = annotation
+    return list(model.model_fields)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected section.key=value, e.g. train.epochs=2")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw else None
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """``["train.epochs=2", ...]`` onto the raw YAML dict; types are checked by validation."""
+    for item in overrides:
+        path, value = parse_override(item)
+        node = raw
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {item!r}: '{part}' is not a section")
+            node = child
+        node[path[-1]] = value
+    return raw
+
+
+def read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"study file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}:{where} is not valid YAML ({getattr(err, 'problem', err)})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a study file is a YAML mapping (name:, method:, data:, ...)")
+    return raw
+
+
+def validate(raw: dict, source: str):
+    """Validate a raw study dict; paths become absolute (Tune trials and Ray Jobs change the cwd)."""
+    try:
+        study = StudyConfig(**raw)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, source)) from None
+    except ConfigError as err:
+        raise ConfigError(f"{source}: {err}") from None
+    return absolutise(study)
+
+
+def load_study(path: str | Path, overrides: list[str] = ()):
+    path = Path(path)
+    raw = apply_overrides(read_yaml(path), list(overrides))
+    return validate(raw, str(path))
+
+
+def absolutise(study):
+    data = study.data.model_copy(update={"root": str(Path(study.data.root).expanduser().resolve())})
+    storage_path = study.storage.path
+    if "://" not in storage_path:
+        storage_path = str(Path(storage_path).expanduser().resolve())
+    uri = study.tracking.uri
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        uri = "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).resolve())
+    return study.model_copy(update={
+        "data": data,
+        "storage": study.storage.model_copy(update={"path": storage_path}),
+        "tracking": study.tracking.model_copy(update={"uri": uri}),
+    })

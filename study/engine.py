@@ -1,0 +1,163 @@
+"""``study run`` / ``study resume``: a Ray Tune + Optuna search over one method, tracked in MLflow.
+
+The study directory (``storage.path/NAME``) holds Tune's experiment state, the resolved study file,
+the space, the Optuna journal, ``results.csv`` and the MLflow parent run id.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from study.preflight import check_data
+from trainables.errors import ConfigError
+
+from study import tracking
+from study.config import validate
+from study.ray_session import connect
+from study.spaces import Param, resolve_space
+
+STUDY_FILE, SPACE_FILE, PARENT_FILE, RESULTS_FILE = "study.yaml", "space.yaml", "mlflow_parent.json", "results.csv"
+
+
+@dataclass
+class StudyOutcome:
+    study_dir: Path
+    best: dict | None
+    results_csv: Path
+    n_trials: int
+
+
+def study_dir_of(study) -> Path:
+    if "://" in study.storage.path:
+        raise ConfigError(f"storage.path {study.storage.path!r}: the study engine keeps its Optuna journal and "
+                          "results beside Tune's state and needs a local or NFS path shared by all nodes")
+    return Path(study.storage.path) / study.name
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def environment() -> dict[str, str]:
+    import optuna
+    import ray
+    import torch
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "ray": ray.__version__,
+            "optuna": optuna.__version__, "platform": platform.platform()}
+
+
+def start_parent_run(study, params: dict[str, Param], study_dir: Path) -> str:
+    client, experiment_id = tracking.client_for(study.tracking.uri, study.tracking.experiment)
+    run = client.create_run(experiment_id, run_name=study.name, tags={
+        "study": study.name, "method": study.method, "kind": "study", "git_commit": git_commit(),
+        "study_dir": str(study_dir)})
+    flat = tracking.flatten(study.model_dump(mode="json"))
+    tracking.log_params(client, run.info.run_id, {**flat, **{f"env.{k}": v for k, v in environment().items()}})
+    client.log_artifact(run.info.run_id, str(study_dir / STUDY_FILE))
+    client.log_artifact(run.info.run_id, str(study_dir / SPACE_FILE))
+    return run.info.run_id
+
+
+def prepare(study, params: dict[str, Param]) -> tuple[Path, str]:
+    study_dir = study_dir_of(study)
+    if (study_dir / PARENT_FILE).exists():
+        raise ConfigError(f"study {study.name!r} already exists at {study_dir}: continue it with "
+                          f"`python -m study resume {study_dir}` or choose another name")
+    study_dir.mkdir(parents=True, exist_ok=True)
+    (study_dir / STUDY_FILE).write_text(yaml.safe_dump(study.model_dump(mode="json"), sort_keys=False))
+    (study_dir / SPACE_FILE).write_text(yaml.safe_dump(
+        {"method": study.method, "params": {k: v.model_dump(exclude_defaults=True) for k, v in params.items()}},
+        sort_keys=False))
+    parent = start_parent_run(study, params, study_dir)
+    (study_dir / PARENT_FILE).write_text(json.dumps({"run_id": parent}))
+    return study_dir, parent
+
+
+def run_study(study, address: str | None = None) -> StudyOutcome:
+    """Validate everything, then search. Errors before this point leave nothing half-written."""
+    params = resolve_space(study)
+    check_data(study.data)
+    study_dir, parent = prepare(study, params)
+    connect(address)
+    tuner = make_tuner(study, params, study_dir, parent)
+    return finish(study, params, study_dir, parent, tuner.fit())
+
+
+def load_study_dir(study_dir: str | Path):
+    study_dir = Path(study_dir).resolve()
+    for name in (STUDY_FILE, SPACE_FILE, PARENT_FILE):
+        if not (study_dir / name).is_file():
+            raise ConfigError(f"{study_dir} is not a study directory (no {name}); pass storage.path/NAME of a study")
+    study = validate(yaml.safe_load((study_dir / STUDY_FILE).read_text()), str(study_dir / STUDY_FILE))
+    from study.spaces import Space
+
+    params = dict(Space(**yaml.safe_load((study_dir / SPACE_FILE).read_text())).params)
+    parent = json.loads((study_dir / PARENT_FILE).read_text())["run_id"]
+    return study, params, study_dir, parent
+
+
+def resume_study(study_dir: str | Path, address: str | None = None) -> StudyOutcome:
+    """Continue an interrupted study: finished trials are kept, MLflow runs are reused."""
+    from study.tuner import restore_tuner
+
+    study, params, study_dir, parent = load_study_dir(study_dir)
+    connect(address)
+    if not (study_dir / "tuner.pkl").exists():  # interrupted before Tune wrote its state
+        return finish(study, params, study_dir, parent, make_tuner(study, params, study_dir, parent).fit())
+    tuner = restore_tuner(str(study_dir), study, study.job().model_dump(mode="json"))
+    return finish(study, params, study_dir, parent, tuner.fit())
+
+
+def make_tuner(study, params, study_dir: Path, parent: str):
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the classic reporter: a compact live table
+    import ray.tune
+
+    from study.mlflow_callback import MlflowStudyCallback
+    from study.tuner import OPTUNA_JOURNAL, build_tuner
+
+    fixed = tracking.flatten(study.model_dump(mode="json", include={"method", "data", "model", "train"}))
+    fixed.update(tracking.flatten({study.method: study.method_params()}))
+    callback = MlflowStudyCallback(study.tracking.uri, study.tracking.experiment, parent, study.name,
+                                   study.method, fixed, study.train.epochs)
+    progress = ray.tune.CLIReporter(
+        metric_columns={"training_iteration": "epoch", "loss": "loss", study.search.metric: study.search.metric},
+        parameter_columns={name: name.split(".")[-1] for name in params}, max_report_frequency=30,
+        sort_by_metric=True)
+    return build_tuner(study, params, study.job().model_dump(mode="json"), str(study_dir / OPTUNA_JOURNAL),
+                       [callback], progress)
+
+
+def finish(study, params, study_dir: Path, parent: str, grid) -> StudyOutcome:
+    """Write results.csv, mark the best trial on the MLflow parent run, close it."""
+    from study.results import results_table
+
+    table = results_table(grid, params, study.search.metric, study.train.epochs)
+    csv = study_dir / RESULTS_FILE
+    table.to_csv(csv, index=False)
+    client, _ = tracking.client_for(study.tracking.uri, study.tracking.experiment)
+    client.log_artifact(parent, str(csv))
+    best = None
+    finished = table.dropna(subset=[study.search.metric]) if study.search.metric in table else table.iloc[0:0]
+    if len(finished):
+        ascending = study.search.mode == "min"
+        best = finished.sort_values(study.search.metric, ascending=ascending).iloc[0].to_dict()
+        client.set_tag(parent, "best_trial_id", best["trial_id"])
+        client.log_metric(parent, f"best_{study.search.metric}", float(best[study.search.metric]))
+        for name in params:
+            if name in best and best[name] == best[name]:
+                client.set_tag(parent, f"best.{name}", str(best[name]))
+    client.set_terminated(parent, "FINISHED")
+    return StudyOutcome(study_dir, best, csv, len(table))

@@ -1,0 +1,57 @@
+"""``study train``: one run of a study's method on Ray Train, recorded in MLflow."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from study.preflight import check_data
+from trainables.errors import ITMError
+from trainables.ray_train import WorkerResources, make_trainer
+
+from study import tracking
+from study.ray_session import connect
+
+
+@dataclass
+class TrainingResult:
+    final: dict[str, float]
+    history: list[dict[str, float]]
+    run_dir: str
+    run_name: str
+
+
+def resources_of(study) -> WorkerResources:
+    r = study.resources
+    return WorkerResources(r.workers_per_trial, r.cpus_per_worker, r.gpus)
+
+
+def run_training(study, address: str | None = None) -> TrainingResult:
+    """Validate the data, train on Ray Train (resuming an interrupted run of the same study), log."""
+    check_data(study.data)  # bad data fails here, before any worker starts
+    connect(address)
+    name = f"{study.name}-train"
+    trainer = make_trainer(study.job(), resources_of(study), name=name, storage_path=study.storage.path)
+    result = trainer.fit()
+    if result.error is not None:
+        raise ITMError(f"training failed: {first_line(result.error)}")
+    history = result.return_value or []
+    log_run(study, name, history)
+    return TrainingResult(history[-1] if history else {}, history, str(Path(study.storage.path) / name), name)
+
+
+def first_line(error: BaseException) -> str:
+    text = str(error).strip() or type(error).__name__
+    lines = [line for line in text.splitlines() if line.strip()]
+    return lines[-1] if lines else text
+
+
+def log_run(study, run_name: str, history: list[dict[str, float]]) -> str:
+    client, experiment_id = tracking.client_for(study.tracking.uri, study.tracking.experiment)
+    run = client.create_run(experiment_id, run_name=run_name,
+                            tags={"study": study.name, "method": study.method, "kind": "train"})
+    tracking.log_params(client, run.info.run_id, tracking.flatten(study.model_dump(mode="json")))
+    for metrics in history:
+        tracking.log_epoch(client, run.info.run_id, metrics, step=int(metrics.get("epoch", 0)))
+    client.set_terminated(run.info.run_id, "FINISHED")
+    return run.info.run_id

@@ -1,0 +1,444 @@
+"""DIAS: each loss term as maths (properties, gradcheck, naive loop references) and the model's contract."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch.autograd import gradcheck
+
+from trainables import dias_losses as dl
+from trainables.config import JobConfig, ModelConfig
+from trainables.errors import ConfigError
+from trainables.methods import get_method
+from trainables.methods.dias import DiasConfig
+from trainables.text_models import load_tokenizer
+
+f64 = torch.float64
+DIM_VARIANTS = ("barlow", "diag_share", "dim_infonce")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """These tensors are tiny: extra OpenMP threads only add overhead, and on a loaded machine
+    spinning threads make each step 50x slower. Restored afterwards for other test modules."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# --- naive loop references (deliberately the slowest, most literal reading of METHODS.md) ------
+
+
+def naive_cross_correlation(a, b, eps=1e-5):
+    n, d = a.shape
+    corr = torch.zeros(d, d, dtype=a.dtype)
+    for i in range(d):
+        x = a[:, i]
+        za = (x - x.mean()) / math.sqrt(((x - x.mean()) ** 2).mean() + eps)
+        for j in range(d):
+            y = b[:, j]
+            zb = (y - y.mean()) / math.sqrt(((y - y.mean()) ** 2).mean() + eps)
+            corr[i, j] = sum(za[k] * zb[k] for k in range(n)) / n
+    return corr
+
+
+def naive_cos(x, y):
+    return float(x @ y) / (float(x.norm()) * float(y.norm()))
+
+
+def naive_deltas(img, txt):
+    b = img.shape[0]
+    inter, intra = torch.zeros(b, b, dtype=img.dtype), torch.zeros(b, b, dtype=img.dtype)
+    for i in range(b):
+        for j in range(b):
+            inter[i, j] = abs((1 - naive_cos(img[i], txt[j])) - (1 - naive_cos(img[j], txt[i])))
+            intra[i, j] = abs((1 - naive_cos(img[i], img[j])) - (1 - naive_cos(txt[i], txt[j])))
+    return inter, intra
+
+
+def naive_mask(r, valid, k, temperature, hard):
+    b = r.shape[0]
+    mask = torch.zeros_like(r)
+    for i in range(b):
+        values = [float(r[i, j]) for j in range(b) if valid[i, j]]
+        if not values:
+            continue
+        mu = sum(values) / len(values)
+        sigma = math.sqrt(max(sum((v - mu) ** 2 for v in values) / len(values), 1e-12))
+        for j in range(b):
+            if valid[i, j]:
+                z = float(r[i, j]) - (mu + k * sigma)
+                mask[i, j] = float(z > 0) if hard else 1 / (1 + math.exp(-z / temperature))
+    return mask
+
+
+def naive_spatial_loss(delta, weight):
+    num = sum(float(weight[i, j]) * float(delta[i, j]) ** 2 for i in range(delta.shape[0]) for j in range(delta.shape[1]))
+    return num / max(float(weight.sum()), 1e-8)
+
+
+def naive_cross_attend(regions, region_mask, words, word_mask, tau):
+    b, r, d = regions.shape
+    w2 = torch.zeros(b, r, d, dtype=regions.dtype)
+    r2 = torch.zeros(words.shape, dtype=regions.dtype)
+    for n in range(b):
+        for i in range(r):
+            logits = [naive_cos(regions[n, i], words[n, w]) / tau for w in range(words.shape[1]) if word_mask[n, w]]
+            weights = torch.tensor(logits, dtype=regions.dtype).softmax(0)
+            w2[n, i] = sum(wt * words[n, w] for wt, w in zip(weights, [w for w in range(words.shape[1]) if word_mask[n, w]]))
+        for w in range(words.shape[1]):
+            valid = [i for i in range(r) if region_mask[n, i]]
+            weights = torch.tensor([naive_cos(regions[n, i], words[n, w]) / tau for i in valid], dtype=regions.dtype).softmax(0)
+            r2[n, w] = sum(wt * regions[n, i] for wt, i in zip(weights, valid))
+    return w2, r2
+
+
+def random_tokens(b=3, r=4, l=5, d=6, dtype=f64, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    regions = torch.randn(b, r, d, generator=gen, dtype=dtype)
+    words = torch.randn(b, l, d, generator=gen, dtype=dtype)
+    region_mask = torch.ones(b, r, dtype=torch.bool)
+    region_mask[0, -1] = False
+    word_mask = torch.arange(l).unsqueeze(0) < torch.tensor([[l], [l - 2], [2]][:b])
+    return regions, region_mask, words, word_mask
+
+
+def unmatched(b, ids=None):
+    ids = torch.arange(b) if ids is None else torch.tensor(ids)
+    return ids.unsqueeze(0) != ids.unsqueeze(1)
+
+
+# --- local interaction and the rows of L_dim ---------------------------------------------------
+
+
+def test_cross_attend_matches_loop():
+    regions, region_mask, words, word_mask = random_tokens()
+    fast = dl.cross_attend(regions, region_mask, words, word_mask, 0.3)
+    slow = naive_cross_attend(regions, region_mask, words, word_mask, 0.3)
+    torch.testing.assert_close(fast[0], slow[0])
+    # padded regions of sample 0 are excluded from its words' image context
+    torch.testing.assert_close(fast[1][word_mask], slow[1][word_mask])
+
+
+def test_dim_alignment_rows_matches_loop_and_equalises_counts():
+    regions, region_mask, words, word_mask = random_tokens()
+    w4r, r4w = dl.cross_attend(regions, region_mask, words, word_mask, 0.3)
+    for max_rows in (None, 6):
+        m_v, m_t = dl.dim_alignment_rows(regions, region_mask, words, word_mask, w4r, r4w, max_rows)
+        region_pos = [(n, i) for n in range(3) for i in range(4) if region_mask[n, i]]  # 11
+        word_pos = [(n, w) for n in range(3) for w in range(5) if word_mask[n, w]]  # 10
+        count = min(len(region_pos), len(word_pos), (max_rows or 10**9) // 2)
+        picked_r = [region_pos[i * len(region_pos) // count] for i in range(count)]
+        picked_w = [word_pos[i * len(word_pos) // count] for i in range(count)]
+        ref_v = torch.stack([regions[p] for p in picked_r] + [r4w[p] for p in picked_w])
+        ref_t = torch.stack([w4r[p] for p in picked_r] + [words[p] for p in picked_w])
+        assert m_v.shape == m_t.shape == (2 * count, 6)
+        torch.testing.assert_close(m_v, ref_v)
+        torch.testing.assert_close(m_t, ref_t)
+
+
+def test_cross_correlation_matches_loop():
+    gen = torch.Generator().manual_seed(1)
+    a, b = torch.randn(7, 4, generator=gen, dtype=f64) + 3, torch.randn(7, 4, generator=gen, dtype=f64) - 2
+    torch.testing.assert_close(dl.cross_correlation(a, b), naive_cross_correlation(a, b))
+
+
+def test_cross_correlation_float32_is_accurate_with_offset_columns():
+    # The raw-moment form cancels E[xy] - E[x]E[y]; check float32 stays close with |mean| = 5 std.
+    gen = torch.Generator().manual_seed(2)
+    a = torch.randn(512, 64, generator=gen, dtype=f64) + 5
+    b = 0.5 * a + torch.randn(512, 64, generator=gen, dtype=f64) - 5
+    exact = dl.cross_correlation(a, b)
+    torch.testing.assert_close(dl.cross_correlation(a.float(), b.float()).double(), exact, atol=1e-4, rtol=0)
+
+
+# --- L_dim ---------------------------------------------------------------------------------
+
+
+def dim_loss(variant, corr):
+    if variant == "barlow":
+        return dl.barlow_dim_loss(corr, 0.05)
+    if variant == "diag_share":
+        return dl.diag_share_dim_loss(corr)
+    return dl.infonce_dim_loss(corr, 0.1)
+
+
+@pytest.mark.parametrize("variant", DIM_VARIANTS)
+def test_dim_loss_lower_for_aligned_than_permuted_dimensions(variant):
+    gen = torch.Generator().manual_seed(3)
+    a = torch.randn(256, 16, generator=gen)
+    perm = torch.roll(torch.arange(16), 1)  # a derangement: no dimension keeps its partner
+    aligned = dim_loss(variant, dl.cross_correlation(a, a + 0.1 * torch.randn(256, 16, generator=gen)))
+    permuted = dim_loss(variant, dl.cross_correlation(a, a[:, perm]))
+    shuffled_rows = dim_loss(variant, dl.cross_correlation(a, a[torch.randperm(256, generator=gen)]))
+    assert aligned < permuted and aligned < shuffled_rows
+
+
+def test_dim_loss_values_at_identity_correlation():
+    eye = torch.eye(5, dtype=f64)
+    assert dl.barlow_dim_loss(eye, 1.0) == 0
+    assert dl.diag_share_dim_loss(eye) == -2
+    assert dl.infonce_dim_loss(eye, 0.1) < dl.infonce_dim_loss(eye.flip(0), 0.1)
+    # off-diagonal correlations cost λ_off each (divided by d)
+    ones = torch.ones(5, 5, dtype=f64)
+    assert dl.barlow_dim_loss(ones, 0.5).item() == pytest.approx(0.5 * 20 / 5)
+
+
+# --- spatial constraints and the sparse mask -----------------------------------------------
+
+
+def test_deltas_match_loop():
+    gen = torch.Generator().manual_seed(4)
+    img, txt = torch.randn(5, 3, generator=gen, dtype=f64), torch.randn(5, 3, generator=gen, dtype=f64)
+    inter, intra = naive_deltas(img, txt)
+    torch.testing.assert_close(dl.inter_delta(img, txt), inter)
+    torch.testing.assert_close(dl.intra_delta(img, txt), intra)
+
+
+def test_spatial_terms_zero_when_distances_are_consistent_positive_otherwise():
+    gen = torch.Generator().manual_seed(5)
+    v = torch.nn.functional.normalize(torch.randn(6, 8, generator=gen, dtype=f64), dim=-1)
+    weight = unmatched(6).to(f64)
+    assert dl.spatial_loss(dl.intra_delta(v, v), weight) == 0
+    assert dl.spatial_loss(dl.inter_delta(v, v), weight) < 1e-28  # zero up to matmul rounding
+    # a rotation keeps every intra-modal distance: L_intra stays 0, L_inter does not
+    rotation = torch.linalg.qr(torch.randn(8, 8, generator=gen, dtype=f64))[0]
+    assert dl.spatial_loss(dl.intra_delta(v, v @ rotation), weight) < 1e-28
+    t = torch.nn.functional.normalize(torch.randn(6, 8, generator=gen, dtype=f64), dim=-1)
+    assert dl.spatial_loss(dl.inter_delta(v, t), weight) > 1e-4
+    assert dl.spatial_loss(dl.intra_delta(v, t), weight) > 1e-4
+    assert dl.spatial_loss(dl.inter_delta(v, v @ rotation), weight) > 1e-4
+
+
+def test_spatial_loss_matches_loop_and_ignores_zero_weights():
+    gen = torch.Generator().manual_seed(6)
+    delta, weight = torch.rand(5, 5, generator=gen, dtype=f64), torch.rand(5, 5, generator=gen, dtype=f64)
+    assert dl.spatial_loss(delta, weight).item() == pytest.approx(naive_spatial_loss(delta, weight))
+    assert dl.spatial_loss(delta, torch.zeros_like(weight)) == 0
+
+
+@pytest.mark.parametrize("hard", [False, True])
+def test_sparse_mask_matches_loop(hard):
+    gen = torch.Generator().manual_seed(7)
+    r = torch.randn(6, 6, generator=gen, dtype=f64)
+    valid = unmatched(6, [0, 1, 2, 2, 3, 4])  # captions 2 and 3 share an image
+    fast = dl.sparse_mask(r, valid, 0.7, 0.2, hard=hard)
+    slow = naive_mask(r, valid, 0.7, 0.2, hard)
+    if hard:
+        assert torch.equal(fast, slow)
+    else:
+        torch.testing.assert_close(fast, slow)
+    assert fast[2, 3] == 0 and fast[3, 2] == 0 and fast.diagonal().eq(0).all()
+
+
+def test_sparse_mask_keeps_the_upper_tail_at_mu_plus_k_sigma():
+    gen = torch.Generator().manual_seed(8)
+    r, valid, k = torch.randn(16, 16, generator=gen), unmatched(16), 1.0
+    mu, sigma = dl.row_stats(r, valid)
+    above = valid & (r > mu + k * sigma)
+    below = valid & (r < mu + k * sigma)
+    assert torch.equal(dl.sparse_mask(r, valid, k, 0.1, hard=True).bool(), above)
+    soft = dl.sparse_mask(r, valid, k, 0.1)
+    assert (soft[above] > 0.5).all() and (soft[below] < 0.5).all() and soft[~valid].eq(0).all()
+
+
+@pytest.mark.parametrize("hard", [False, True])
+def test_mask_density_decreases_as_k_increases(hard):
+    gen = torch.Generator().manual_seed(9)
+    r, valid = torch.randn(32, 32, generator=gen), unmatched(32)
+    density = [float(dl.sparse_mask(r, valid, k, 0.1, hard=hard).sum() / valid.sum()) for k in (0.0, 0.5, 1.0, 2.0)]
+    assert all(a > b for a, b in zip(density, density[1:])), density
+
+
+def test_soft_mask_passes_gradient_to_k():
+    gen = torch.Generator().manual_seed(10)
+    img, txt = torch.randn(8, 4, generator=gen), torch.randn(8, 4, generator=gen)
+    k = torch.tensor(1.0, requires_grad=True)
+    r = dl.relation_strength(img @ txt.t())
+    weight = dl.sparse_mask(r, unmatched(8), k, 0.1)
+    dl.spatial_loss(dl.inter_delta(img, txt), weight).backward()
+    assert k.grad is not None and k.grad.abs() > 0
+
+
+# --- gradcheck (float64, small) ------------------------------------------------------------
+
+
+def leaf(*shape, seed):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=f64, requires_grad=True)
+
+
+def test_gradcheck_cross_attend():
+    _, region_mask, _, word_mask = random_tokens(b=2, r=3, l=4, d=5)
+    regions, words = leaf(2, 3, 5, seed=11), leaf(2, 4, 5, seed=12)
+    assert gradcheck(lambda r, w: dl.cross_attend(r, region_mask, w, word_mask, 0.5), (regions, words))
+
+
+@pytest.mark.parametrize("variant", DIM_VARIANTS)
+def test_gradcheck_dim_losses(variant):
+    m_v, m_t = leaf(8, 5, seed=13), leaf(8, 5, seed=14)
+    assert gradcheck(lambda a, b: dim_loss(variant, dl.cross_correlation(a, b)), (m_v, m_t))
+
+
+@pytest.mark.parametrize("delta_fn", [dl.inter_delta, dl.intra_delta])
+def test_gradcheck_spatial_terms(delta_fn):
+    img, txt, k = leaf(4, 5, seed=15), leaf(4, 5, seed=16), torch.tensor(0.5, dtype=f64, requires_grad=True)
+    valid = unmatched(4)
+
+    def term(img, txt, k):
+        weight = dl.sparse_mask(dl.relation_strength(img @ txt.t()), valid, k, 0.3)
+        return dl.spatial_loss(delta_fn(img, txt), weight)
+
+    assert gradcheck(term, (img, txt, k))
+
+
+# --- NaN guards ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("variant", DIM_VARIANTS)
+@pytest.mark.parametrize("hard", [False, True])
+def test_all_identical_embeddings_give_finite_terms_and_gradients(variant, hard):
+    img = torch.ones(4, 5, requires_grad=True)
+    txt = torch.ones(4, 5, requires_grad=True)
+    k = torch.tensor(1.0, requires_grad=True)
+    corr = dl.cross_correlation(img, txt)  # constant columns: σ = 0
+    weight = dl.sparse_mask(dl.relation_strength(img @ txt.t()), unmatched(4), k, 0.1, hard=hard)  # σ_i = 0
+    total = dim_loss(variant, corr) + dl.spatial_loss(dl.inter_delta(img, txt), weight) + \
+        dl.spatial_loss(dl.intra_delta(img, txt), weight)
+    total.backward()
+    assert torch.isfinite(total)
+    assert all(torch.isfinite(t.grad).all() for t in (img, txt) if t.grad is not None)
+    assert k.grad is None or torch.isfinite(k.grad)
+
+
+# --- the model -----------------------------------------------------------------------------
+
+IMAGE_DIM = 16
+
+
+def make_model(**params):
+    spec = get_method("dias")
+    job = JobConfig(method="dias", model=ModelConfig(text_encoder="tiny", embed_dim=32),
+                    method_params=spec.parse_section(params).model_dump())
+    torch.manual_seed(0)
+    return spec.build(job, IMAGE_DIM).eval()  # eval: no dropout, so two builds compare exactly
+
+
+def make_batch(b=6, regions=5, length=9, seed=0, identical=False):
+    gen = torch.Generator().manual_seed(seed)
+    vocab = load_tokenizer("tiny").vocab_size
+    lengths = torch.randint(3, length + 1, (b,), generator=gen)
+    attention_mask = (torch.arange(length).unsqueeze(0) < lengths.unsqueeze(1)).long()
+    batch = {"images": torch.randn(b, regions, IMAGE_DIM, generator=gen),
+             "region_mask": torch.rand(b, regions, generator=gen) > 0.2,
+             "input_ids": torch.randint(1000, vocab, (b, length), generator=gen) * attention_mask,
+             "attention_mask": attention_mask,
+             "image_ids": torch.tensor([0, 1, 2, 2, 3, 4][:b])}
+    batch["region_mask"][:, 0] = True
+    if identical:  # every pair the same image and caption (ids still distinct): σ = 0 everywhere
+        for key in ("images", "region_mask", "input_ids", "attention_mask"):
+            batch[key] = batch[key][:1].expand_as(batch[key]).clone()
+        batch["image_ids"] = torch.arange(b)
+    return batch
+
+
+def run(model, batch):
+    out = model(batch)
+    return out, model.loss_terms(out, batch["image_ids"], epoch=1)
+
+
+def test_model_loss_finite_and_gradients_reach_every_parameter():
+    model, batch = make_model(), make_batch()
+    out, loss = run(model, batch)
+    assert set(loss.terms) == {"loc", "dim", "inter", "intra"}
+    assert loss.weights == {"loc": 1.0, "dim": 10.0, "inter": 0.05, "intra": 0.1}
+    assert 0 < loss.stats["mask_density"] < 1 and loss.stats["sparsity_k"] == 1.0
+    total = loss.total()
+    assert torch.isfinite(total)
+    total.backward()
+    missing = [name for name, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    assert model.sparsity_k.grad.abs() > 0
+
+
+def test_retrieval_embeddings_are_per_modality():
+    model, batch = make_model(), make_batch()
+    out = model(batch)
+    alone = model.encode_image(batch["images"], batch["region_mask"])["emb"]
+    torch.testing.assert_close(out["img_emb"], alone)
+    other = dict(batch, input_ids=batch["input_ids"].flip(0), attention_mask=batch["attention_mask"].flip(0))
+    torch.testing.assert_close(model(other)["img_emb"], out["img_emb"])
+
+
+def test_same_image_pairs_get_no_weight():
+    model, batch = make_model(), make_batch()
+    out = model(batch)
+    weight = model.pair_weights(model.similarity(out["img_emb"], out["txt_emb"]), batch["image_ids"])
+    assert weight[2, 3] == 0 and weight[3, 2] == 0 and weight.diagonal().eq(0).all()
+
+
+@pytest.mark.parametrize("switch,removed", [("use_dim", {"dim"}), ("use_inter", {"inter"}), ("use_intra", {"intra"})])
+def test_each_switch_removes_its_term(switch, removed):
+    batch = make_batch()
+    _, full = run(make_model(), batch)
+    _, ablated = run(make_model(**{switch: False}), batch)
+    assert set(ablated.terms) == set(full.terms) - removed
+    expected = full.total() - sum(full.weights[name] * full.terms[name] for name in removed)
+    torch.testing.assert_close(ablated.total(), expected)
+
+
+def test_without_sparsity_every_unmatched_pair_counts():
+    batch = make_batch()
+    _, full = run(make_model(), batch)
+    model = make_model(use_sparse=False)
+    _, dense = run(model, batch)
+    assert dense.stats["mask_density"] == 1.0 and set(dense.terms) == set(full.terms)
+    for name in ("inter", "intra"):
+        assert not torch.isclose(dense.terms[name], full.terms[name], rtol=1e-3)
+    assert dense.total() != full.total()
+    assert "sparsity_k" in dict(model.named_buffers())
+
+
+def test_without_spatial_terms_only_loc_and_dim_remain():
+    _, loss = run(make_model(use_inter=False, use_intra=False), make_batch())
+    assert set(loss.terms) == {"loc", "dim"} and "mask_density" not in loss.stats
+
+
+@pytest.mark.parametrize("params,learnable", [({}, True), ({"sparsity_learnable": False}, False),
+                                              ({"sparsity_mode": "hard"}, False)])
+def test_k_is_a_parameter_only_when_learnable(params, learnable):
+    model = make_model(**params)
+    assert ("sparsity_k" in dict(model.named_parameters())) is learnable
+    assert ("sparsity_k" in dict(model.named_buffers())) is not learnable
+
+
+@pytest.mark.parametrize("variant", DIM_VARIANTS)
+@pytest.mark.parametrize("mode", ["soft", "hard"])
+@pytest.mark.parametrize("batch", [make_batch(b=2), make_batch(identical=True)], ids=["batch2", "identical"])
+def test_no_nan_with_batch_of_two_or_identical_pairs(variant, mode, batch):
+    model = make_model(dim_loss=variant, sparsity_mode=mode).train()
+    _, loss = run(model, batch)
+    total = loss.total()
+    total.backward()
+    assert all(torch.isfinite(t) for t in loss.terms.values())
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+# --- the study-file section ----------------------------------------------------------------
+
+
+def test_section_defaults_and_validation():
+    spec = get_method("dias")
+    assert spec.parse_section({}) == DiasConfig()
+    assert DiasConfig().lambda_dim == 10.0 and DiasConfig().dim_loss == "barlow"
+    for bad in ({"lambda_dim": -1}, {"dim_loss": "cosine"}, {"sparsity_mode": "topk"}, {"mask_temperature": 0},
+                {"sparsity_k": 9}, {"lamda_dim": 1.0}):
+        with pytest.raises(ConfigError):
+            spec.parse_section(bad)
+    assert set(spec.searchable) <= set(DiasConfig.model_fields)
+    for row in spec.ablations:
+        if row.method == "dias":
+            spec.parse_section(row.overrides)

@@ -1,0 +1,62 @@
+"""The epoch loop in a plain process and on Ray Train: it learns, checkpoints and resumes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from trainables.data import PrecompSplit, build_eval_loaders
+from trainables.evaluation import evaluate
+from trainables.loop import fit, seed_everything
+from trainables.methods import build_model
+from trainables.reporters import LocalReporter
+from trainables.text_models import load_tokenizer
+
+
+def untrained_rsum(job) -> float:
+    seed_everything(job.train.seed)
+    val = PrecompSplit(job.data.root, job.data.val_split, job.data.max_images)
+    model = build_model(job, val.feature_dim)
+    loaders = build_eval_loaders(job.data, val, load_tokenizer(job.model.text_encoder), 256)
+    return evaluate(model, *loaders, torch.device("cpu"), val.captions_per_image)["rsum"]
+
+
+def test_fit_learns_and_resumes_from_the_saved_epoch(smoke_study, tmp_path):
+    job = smoke_study("train.epochs=1").job()
+    first = fit(job, LocalReporter(tmp_path / "run"))
+    assert len(first) == 1 and first[0]["epoch"] == 1
+    # A second process on the same directory with more epochs continues at epoch 2, not from scratch.
+    resumed = LocalReporter(tmp_path / "run")
+    history = fit(smoke_study("train.epochs=3").job(), resumed)
+    assert [m["epoch"] for m in history] == [1, 2, 3]
+    assert [m["epoch"] for m in resumed.history] == [2, 3]  # only the new epochs were trained
+    assert history[0] == first[0]
+    assert history[-1]["rsum"] > untrained_rsum(job) + 30
+    assert "test_rsum" in history[-1] and "gap_centroid_dist" in history[-1]
+
+
+def test_non_finite_loss_stops_the_run_with_a_clear_error(smoke_study, tmp_path):
+    from trainables.errors import NonFiniteLossError
+
+    job = smoke_study("train.lr=1.0e+12", "train.loss=triplet", "train.grad_clip=1.0e+12").job()
+    with pytest.raises(NonFiniteLossError, match="non-finite loss at epoch"):
+        fit(job, LocalReporter(tmp_path / "nan"))
+
+
+@pytest.mark.slow
+def test_ray_train_two_workers_improve_rsum_and_resume(smoke_study, ray_session, tmp_path):
+    from study.training import resources_of
+    from trainables.ray_train import make_trainer
+
+    study = smoke_study("resources.workers_per_trial=2", "train.epochs=1")
+    job = study.job()
+    trainer = make_trainer(job, resources_of(study), name="ddp", storage_path=str(tmp_path / "ray"))
+    result = trainer.fit()
+    assert result.error is None and len(result.return_value) == 1
+    # Same run name, more epochs: Ray Train hands the latest checkpoint back and training continues.
+    job2 = smoke_study("resources.workers_per_trial=2", "train.epochs=2").job()
+    result2 = make_trainer(job2, resources_of(study), name="ddp", storage_path=str(tmp_path / "ray")).fit()
+    history = result2.return_value
+    assert [m["epoch"] for m in history] == [1, 2]
+    assert history[0]["rsum"] == result.return_value[0]["rsum"]
+    assert history[-1]["rsum"] > untrained_rsum(job) + 30

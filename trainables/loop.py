@@ -1,0 +1,173 @@
+"""The epoch loop, written once and Ray-free.
+
+``fit(job, reporter)`` runs in a plain process (tests, benchmarks), inside each Ray Train worker
+(multi-worker DDP) and directly inside a Tune trial (the one-worker path). Only the ``Reporter``
+differs: it publishes per-epoch metrics with a checkpoint directory and returns the checkpoint to
+resume from.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from trainables.config import JobConfig
+from trainables.data import PrecompSplit, build_eval_loaders, build_train_loader, set_epoch
+from trainables.device import autocast, choose_device
+from trainables.errors import NonFiniteLossError
+from trainables.evaluation import evaluate
+from trainables.methods import build_model
+from trainables.model import ITMModel
+from trainables.text_models import load_tokenizer
+
+CHECKPOINT_FILE = "state.pt"
+
+
+class Reporter(Protocol):
+    rank: int  # 0 is the process that evaluates and writes checkpoints
+    world_size: int
+
+    def report(self, metrics: dict[str, float], checkpoint_dir: str | None) -> None: ...
+
+    def latest_checkpoint_dir(self) -> str | None: ...
+
+
+@dataclass
+class Splits:
+    train: PrecompSplit
+    val: PrecompSplit
+    test: PrecompSplit | None
+
+
+def open_splits(job: JobConfig) -> Splits:
+    data = job.data
+    test = PrecompSplit(data.root, data.test_split, data.max_images) if data.test_split else None
+    return Splits(PrecompSplit(data.root, data.train_split, data.max_images),
+                  PrecompSplit(data.root, data.val_split, data.max_images), test)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def unwrap(model: torch.nn.Module) -> ITMModel:
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+def fit(job: JobConfig, reporter: Reporter, device: torch.device | None = None) -> list[dict[str, float]]:
+    """Train ``job`` for ``job.train.epochs`` epochs (resuming if the reporter has a checkpoint).
+
+    Returns every epoch's metrics, resumed epochs included (validation metrics only on rank 0).
+    """
+    seed_everything(job.train.seed)  # identical initial weights on every rank
+    device = device or choose_device(int(os.environ.get("LOCAL_RANK", 0)))
+    splits = open_splits(job)
+    tokenizer = load_tokenizer(job.model.text_encoder)
+    model = build_model(job, splits.train.feature_dim).to(device)
+    optimizer = torch.optim.AdamW(model.param_groups(job.train.lr, job.train.text_lr_scale),
+                                  weight_decay=job.train.weight_decay)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(job.train.lr_decay_epochs),
+                                                     gamma=job.train.lr_decay_gamma)
+    history = restore(reporter.latest_checkpoint_dir(), model, optimizer, scheduler, device)
+    net = model
+    if reporter.world_size > 1:
+        # Some switches leave parameters unused (e.g. a learnable threshold of a disabled term).
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
+    eval_loaders = build_eval_loaders(job.data, splits.val, tokenizer, job.train.eval_batch_size)
+    # train.batch_size is global: each of the world_size replicas takes its share.
+    per_replica = max(job.train.batch_size // reporter.world_size, 2)
+    loader = build_train_loader(job.data, splits.train, tokenizer, per_replica, seed=job.train.seed,
+                                rank=reporter.rank, world_size=reporter.world_size)
+    for epoch in range(len(history), job.train.epochs):
+        set_epoch(loader, epoch)
+        started = time.perf_counter()
+        metrics = train_one_epoch(net, loader, optimizer, job, epoch, device)
+        metrics.update(epoch=epoch + 1, lr=optimizer.param_groups[0]["lr"],
+                       epoch_time_s=time.perf_counter() - started)
+        scheduler.step()
+        if reporter.rank == 0:
+            metrics.update(evaluate(model, *eval_loaders, device, splits.val.captions_per_image,
+                                    score_fn=model.similarity))
+            if epoch + 1 == job.train.epochs and splits.test is not None:
+                metrics.update(evaluate_test(model, job, splits.test, tokenizer, device))
+        history.append(finite(metrics))
+        publish(reporter, history, model, optimizer, scheduler)
+    return history
+
+
+def evaluate_test(model: ITMModel, job: JobConfig, split: PrecompSplit, tokenizer, device) -> dict[str, float]:
+    loaders = build_eval_loaders(job.data, split, tokenizer, job.train.eval_batch_size)
+    coco_folds = split.n_images >= 5000 and split.n_images % 1000 == 0
+    result = evaluate(model, *loaders, device, split.captions_per_image, coco_folds=coco_folds,
+                      score_fn=model.similarity)
+    return {f"test_{name}": value for name, value in result.items()}
+
+
+def train_one_epoch(net, loader, optimizer, job: JobConfig, epoch: int, device) -> dict[str, float]:
+    """One pass over ``loader``; returns mean loss terms and stats of the epoch."""
+    net.train()
+    model = unwrap(net)
+    sums: dict[str, float] = {}
+    steps = 0
+    for step, batch in enumerate(loader):
+        if job.train.max_steps_per_epoch and step >= job.train.max_steps_per_epoch:
+            break
+        batch = {key: value.to(device, non_blocking=True) for key, value in batch.items()}
+        with autocast(device, job.train.precision):
+            out = net(batch)
+            losses = model.loss_terms(out, batch["image_ids"], epoch)
+            total = losses.total()
+        if not torch.isfinite(total):
+            values = ", ".join(f"{k}={v.item():.4g}" for k, v in losses.terms.items())
+            raise NonFiniteLossError(f"non-finite loss at epoch {epoch + 1} step {step + 1} ({values})")
+        optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), job.train.grad_clip)
+        optimizer.step()
+        record = {"loss": total.item(), **{f"loss_{k}": v.item() for k, v in losses.terms.items()},
+                  **losses.stats}
+        for key, value in record.items():
+            sums[key] = sums.get(key, 0.0) + float(value)
+        steps += 1
+    return {key: value / max(steps, 1) for key, value in sums.items()} | {"steps": steps}
+
+
+def finite(metrics: dict) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+
+
+def publish(reporter: Reporter, history: list[dict[str, float]], model, optimizer, scheduler) -> None:
+    """Report the newest epoch; rank 0 attaches a checkpoint (every rank must call ``report``).
+
+    The checkpoint carries the metric history so a resumed run still returns every epoch.
+    """
+    if reporter.rank != 0:
+        reporter.report(history[-1], None)
+        return
+    with tempfile.TemporaryDirectory(prefix="itm-ckpt-") as tmp:
+        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "history": history}, os.path.join(tmp, CHECKPOINT_FILE))
+        reporter.report(history[-1], tmp)
+
+
+def restore(checkpoint_dir: str | None, model, optimizer, scheduler, device) -> list[dict[str, float]]:
+    """Load a checkpoint written by ``publish``; returns the history of the epochs it covers."""
+    if checkpoint_dir is None:
+        return []
+    state = torch.load(os.path.join(checkpoint_dir, CHECKPOINT_FILE), map_location=device, weights_only=True)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    return list(state["history"])
+

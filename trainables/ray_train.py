@@ -1,0 +1,84 @@
+"""The thin Ray shell around ``fit``: one of the two files (with ``study/tuner.py``) that call Ray.
+
+- ``train_loop_per_worker`` runs ``fit`` in every Ray Train worker (DDP process group set up by
+  ``TorchTrainer``: gloo on CPU, NCCL on CUDA);
+- ``make_trainer`` builds the ``TorchTrainer`` for a job (used by ``study train`` and by a Tune trial
+  with several workers);
+- ``TuneReporter`` lets a Tune trial run ``fit`` directly (the one-worker path, no Train start-up).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import ray.train
+import ray.tune
+from ray.train.torch import TorchTrainer
+
+from trainables.config import JobConfig
+from trainables.loop import fit
+
+
+@dataclass(frozen=True)
+class WorkerResources:
+    num_workers: int = 1
+    cpus_per_worker: float = 1
+    gpus_per_worker: float = 0
+
+
+class RayTrainReporter:
+    """``Reporter`` inside a Ray Train worker."""
+
+    def __init__(self):
+        context = ray.train.get_context()
+        self.rank = context.get_world_rank()
+        self.world_size = context.get_world_size()
+
+    def report(self, metrics: dict[str, float], checkpoint_dir: str | None) -> None:
+        checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+    def latest_checkpoint_dir(self) -> str | None:
+        checkpoint = ray.train.get_checkpoint()
+        return checkpoint.to_directory() if checkpoint else None
+
+
+class TuneReporter:
+    """``Reporter`` for ``fit`` running directly in a Tune trial (one worker, no process group)."""
+
+    rank = 0
+    world_size = 1
+
+    def report(self, metrics: dict[str, float], checkpoint_dir: str | None) -> None:
+        checkpoint = ray.tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        ray.tune.report(metrics, checkpoint=checkpoint)
+
+    def latest_checkpoint_dir(self) -> str | None:
+        checkpoint = ray.tune.get_checkpoint()
+        return checkpoint.to_directory() if checkpoint else None
+
+
+def train_loop_per_worker(config: dict) -> list[dict[str, float]]:
+    """Runs in every worker; rank 0's return value (the metric history) becomes ``Result.return_value``."""
+    return fit(JobConfig(**config["job"]), RayTrainReporter())
+
+
+def make_trainer(job: JobConfig, resources: WorkerResources, name: str, storage_path: str,
+                 max_failures: int = 0, callbacks: list | None = None) -> TorchTrainer:
+    """A ``TorchTrainer`` for ``job``; re-running with the same ``name`` and ``storage_path``
+    resumes from the run's latest checkpoint."""
+    use_gpu = resources.gpus_per_worker > 0
+    per_worker = {"CPU": resources.cpus_per_worker}
+    if use_gpu:
+        per_worker["GPU"] = resources.gpus_per_worker
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"job": job.model_dump(mode="json")},
+        scaling_config=ray.train.ScalingConfig(num_workers=resources.num_workers, use_gpu=use_gpu,
+                                               resources_per_worker=per_worker),
+        run_config=ray.train.RunConfig(
+            name=name, storage_path=storage_path, callbacks=callbacks or [],
+            failure_config=ray.train.FailureConfig(max_failures=max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+        ),
+    )
