@@ -5,10 +5,11 @@
 
 Image features are random, shaped like the synthetic data (12 regions x 256 dims); captions are random
 token ids of 12-18 tokens (~15). Each method runs in its own fresh process (spawn), so neither sees
-the other's allocator state. Prints the median step time of each method, the ratio CDDS / base and
-the step's peak memory: peak resident set size during the warm-up and timed steps minus the resident
-size just before them (Linux VmHWM, reset through /proc/self/clear_refs; where that is unavailable,
-the ru_maxrss growth over the steps, a lower bound).
+the other's allocator state. Prints, per method, the median wall and CPU time of a step (CPU time
+sums the process's threads; it is steadier than wall time on a shared machine), the ratios
+CDDS / base, and the step's peak memory: peak resident set size during the warm-up and timed steps
+minus the resident size just before them (Linux VmHWM, reset through /proc/self/clear_refs; where
+that is unavailable, the ru_maxrss growth over the steps, a lower bound).
 """
 
 from __future__ import annotations
@@ -70,9 +71,9 @@ def measure(job: JobConfig, batch: dict, image_dim: int, steps: int, warmup: int
                                   weight_decay=job.train.weight_decay)
     exact = _reset_peak()
     before_kb = _status_kb("VmRSS") if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    times = []
+    times, cpu_times = [], []
     for step in range(warmup + steps):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         out = model(batch)
         loss = model.loss_terms(out, batch["image_ids"], epoch=1).total()
         optimiser.zero_grad(set_to_none=True)
@@ -81,9 +82,11 @@ def measure(job: JobConfig, batch: dict, image_dim: int, steps: int, warmup: int
         optimiser.step()
         if step >= warmup:
             times.append(time.perf_counter() - start)
+            cpu_times.append(time.process_time() - cpu_start)
     peak_kb = _status_kb("VmHWM") if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return {"seconds": statistics.median(times), "peak_mb": (peak_kb - before_kb) / 1024,
+    return {"seconds": statistics.median(times), "cpu_seconds": statistics.median(cpu_times),
+            "peak_mb": (peak_kb - before_kb) / 1024,
             "exact_peak": exact, "params_m": params / 1e6, "threads": torch.get_num_threads()}
 
 
@@ -126,11 +129,13 @@ def main(argv: list[str] | None = None) -> int:
     for name, job in jobs.items():
         results[name] = r = measure_in_fresh_process(job, batch, args.image_dim, args.steps, args.warmup,
                                                      args.threads)
-        print(f"{name:5s} {r['seconds'] * 1000:9.1f} ms/step (median of {args.steps})  "
+        print(f"{name:5s} {r['seconds'] * 1000:9.1f} ms/step wall, {r['cpu_seconds'] * 1000:9.1f} ms CPU "
+              f"(medians of {args.steps})  "
               f"peak +{r['peak_mb']:7.1f} MB{'' if r['exact_peak'] else ' (lower bound)'}  "
               f"{r['params_m']:6.2f}M trainable params")
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print(f"ratio cdds/base = {results['cdds']['seconds'] / results['base']['seconds']:.2f} time, "
+    ratio = {key: results["cdds"][key] / results["base"][key] for key in ("seconds", "cpu_seconds")}
+    print(f"ratio cdds/base = {ratio['seconds']:.2f} wall, {ratio['cpu_seconds']:.2f} CPU, "
           f"{results['cdds']['peak_mb'] / max(results['base']['peak_mb'], 1e-9):.2f} peak memory  "
           f"[text_encoder={args.text_encoder} batch={args.batch} d={args.dim} depth={args.depth} "
           f"z={args.noise_groups} pooling={args.pooling} threads={results['cdds']['threads']} load1={load:.1f}]")

@@ -5,8 +5,9 @@
 
 Image features are random, shaped like the synthetic data (12 regions x 256 dims); captions are random
 token ids of 12-18 tokens (~15). Prints the median step time of each method and the ratio
-DIAS / base (target: <= 1.25 with MiniLM). On a shared machine pass ``--threads 1``: oversubscribed
-OpenMP threads make the timings swing by several times.
+DIAS / base (target: <= 1.25 with MiniLM), in wall-clock and in process CPU time. On a shared
+machine pass ``--threads 1`` and read the CPU line: oversubscribed OpenMP threads and other
+processes make wall-clock timings swing by several times.
 """
 
 from __future__ import annotations
@@ -48,21 +49,23 @@ class Stepper:
                                            weight_decay=job.train.weight_decay)
         self.grad_clip = job.train.grad_clip
 
-    def step(self, batch: dict) -> float:
-        start = time.perf_counter()
+    def step(self, batch: dict) -> tuple[float, float]:
+        """One step; returns (wall seconds, CPU seconds of this process)."""
+        start, cpu_start = time.perf_counter(), time.process_time()
         out = self.model(batch)
         loss = self.model.loss_terms(out, batch["image_ids"], epoch=1).total()
         self.optimiser.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
         self.optimiser.step()
-        return time.perf_counter() - start
+        return time.perf_counter() - start, time.process_time() - cpu_start
 
 
-def time_methods(steppers: dict[str, Stepper], batch: dict, steps: int, warmup: int) -> dict[str, list[float]]:
-    """Seconds of each timed step per method. Steps alternate between the methods (in a rotating
-    order) so that drifting machine load affects both alike."""
-    times: dict[str, list[float]] = {name: [] for name in steppers}
+def time_methods(steppers: dict[str, Stepper], batch: dict, steps: int,
+                 warmup: int) -> dict[str, list[tuple[float, float]]]:
+    """(wall, CPU) seconds of each timed step per method. Steps alternate between the methods (in a
+    rotating order) so that drifting machine load affects both alike."""
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in steppers}
     names = list(steppers)
     for round_ in range(warmup + steps):
         for name in names[round_ % 2:] + names[:round_ % 2]:
@@ -70,6 +73,17 @@ def time_methods(steppers: dict[str, Stepper], batch: dict, steps: int, warmup: 
             if round_ >= warmup:
                 times[name].append(seconds)
     return times
+
+
+def summarise(times: dict[str, list[tuple[float, float]]], column: int, label: str) -> str:
+    """One line: median ms/step of each method and the DIAS/base ratio for wall (0) or CPU (1) time."""
+    base = [t[column] for t in times["base"]]
+    dias = [t[column] for t in times["dias"]]
+    ratio = statistics.median(dias) / statistics.median(base)
+    # The per-round ratio is steadier on a loaded machine: both steps of a round share its load.
+    paired = statistics.median(d / b for d, b in zip(dias, base))
+    return (f"{label}: base {statistics.median(base) * 1000:8.1f} ms/step, dias {statistics.median(dias) * 1000:8.1f} "
+            f"ms/step, ratio dias/base = {ratio:.3f} (median per-round ratio {paired:.3f})")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -97,14 +111,10 @@ def main(argv: list[str] | None = None) -> int:
                               method_params=get_method("dias").parse_section(dias_params).model_dump())}
     steppers = {method: Stepper(job, args.image_dim) for method, job in jobs.items()}
     times = time_methods(steppers, batch, args.steps, args.warmup)
-    for method, values in times.items():
-        print(f"{method:5s} {statistics.median(values) * 1000:8.1f} ms/step  (median of {args.steps})")
-    ratio = statistics.median(times["dias"]) / statistics.median(times["base"])
-    # The per-round ratio is steadier on a loaded machine: both steps of a round share its load.
-    paired = statistics.median(d / b for d, b in zip(times["dias"], times["base"]))
-    print(f"ratio dias/base = {ratio:.3f} (median of per-round ratios {paired:.3f})  "
-          f"[text_encoder={args.text_encoder} batch={args.batch} d={args.dim} dias={dias_params} "
-          f"threads={torch.get_num_threads()}]")
+    print(f"[text_encoder={args.text_encoder} batch={args.batch} d={args.dim} dias={dias_params} "
+          f"threads={torch.get_num_threads()} steps={args.steps} (median)]")
+    print(summarise(times, 0, "wall"))
+    print(summarise(times, 1, "cpu "))
     return 0
 
 

@@ -123,6 +123,8 @@ def resume_study(study_dir: str | Path, address: str | None = None) -> StudyOutc
 
 def make_tuner(study, params, study_dir: Path, parent: str):
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the classic reporter: a compact live table
+    # Every epoch checkpoints by design (resume from the last epoch); Tune's advice against it is noise here.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     import ray.tune
 
     from study.mlflow_callback import MlflowStudyCallback
@@ -134,10 +136,19 @@ def make_tuner(study, params, study_dir: Path, parent: str):
                                    study.method, fixed, study.train.epochs)
     progress = ray.tune.CLIReporter(
         metric_columns={"training_iteration": "epoch", "loss": "loss", study.search.metric: study.search.metric},
-        parameter_columns={name: name.split(".")[-1] for name in params}, max_report_frequency=30,
+        # Conditional parameters are absent from some trials, which the reporter cannot show.
+        parameter_columns={n: n.split(".")[-1] for n, p in params.items() if not p.when}, max_report_frequency=30,
         sort_by_metric=True)
     return build_tuner(study, params, study.job().model_dump(mode="json"), str(study_dir / OPTUNA_JOURNAL),
                        [callback], progress)
+
+
+def mark_best_child(client, parent: str, trial_id: str) -> None:
+    experiment_id = client.get_run(parent).info.experiment_id
+    for run in client.search_runs([experiment_id], filter_string=(
+            f"tags.mlflow.parentRunId = '{parent}' and tags.trial_id = '{trial_id}'")):
+        client.set_tag(run.info.run_id, "best", "true")
+        client.set_tag(parent, "best_run_id", run.info.run_id)
 
 
 def finish(study, params, study_dir: Path, parent: str, grid) -> StudyOutcome:
@@ -155,6 +166,7 @@ def finish(study, params, study_dir: Path, parent: str, grid) -> StudyOutcome:
         ascending = study.search.mode == "min"
         best = finished.sort_values(study.search.metric, ascending=ascending).iloc[0].to_dict()
         client.set_tag(parent, "best_trial_id", best["trial_id"])
+        mark_best_child(client, parent, best["trial_id"])
         client.log_metric(parent, f"best_{study.search.metric}", float(best[study.search.metric]))
         for name in params:
             if name in best and best[name] == best[name]:

@@ -125,7 +125,7 @@ def check_space(study, params: dict[str, Param]) -> None:
 
 
 def _searchable(study, spec) -> list[str]:
-    names = [f"{s}.{k}" for s in SHARED_SECTIONS for k in getattr(study, s).model_fields]
+    names = [f"{s}.{k}" for s in SHARED_SECTIONS for k in type(getattr(study, s)).model_fields]
     return names + [f"{spec.name}.{key}" for key in spec.searchable]
 
 
@@ -158,13 +158,16 @@ def ordered(params: dict[str, Param]) -> list[tuple[str, Param]]:
     return done
 
 
-def define_by_run(params: dict[str, Param]):
-    """An Optuna define-by-run function: conditional parameters are suggested only when active."""
-    order = ordered(params)
+class DefineByRun:
+    """An Optuna define-by-run space: conditional parameters are suggested only when active.
+    A class rather than a closure because Tune pickles the searcher into its experiment state."""
 
-    def space(trial) -> None:
+    def __init__(self, params: dict[str, Param]):
+        self.order = ordered(params)
+
+    def __call__(self, trial) -> None:
         chosen: dict[str, Any] = {}
-        for name, param in order:
+        for name, param in self.order:
             if not is_active(param, chosen):
                 continue
             if param.type == "categorical":
@@ -174,7 +177,8 @@ def define_by_run(params: dict[str, Param]):
             else:
                 chosen[name] = trial.suggest_float(name, param.low, param.high, log=param.type == "loguniform")
 
-    return space
+
+define_by_run = DefineByRun
 
 
 def grid(params: dict[str, Param]) -> dict[str, list[Any]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,11 +27,22 @@ def resources_of(study) -> WorkerResources:
     return WorkerResources(r.workers_per_trial, r.cpus_per_worker, r.gpus)
 
 
-def run_training(study, address: str | None = None) -> TrainingResult:
-    """Validate the data, train on Ray Train (resuming an interrupted run of the same study), log."""
+def run_name(study, resume: bool) -> str:
+    """A fresh ``NAME-train-YYYYmmdd-HHMMSS``, or with ``resume`` the newest existing one (Ray Train
+    continues a run of the same name from its latest checkpoint)."""
+    if resume:
+        previous = sorted(Path(study.storage.path).glob(f"{study.name}-train-*"))
+        if not previous:
+            raise ITMError(f"nothing to resume: no {study.name}-train-* run in {study.storage.path}")
+        return previous[-1].name
+    return f"{study.name}-train-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def run_training(study, address: str | None = None, resume: bool = False) -> TrainingResult:
+    """Validate the data, train on Ray Train (or continue the newest run with ``resume``), log."""
     check_data(study.data)  # bad data fails here, before any worker starts
+    name = run_name(study, resume)
     connect(address)
-    name = f"{study.name}-train"
     trainer = make_trainer(study.job(), resources_of(study), name=name, storage_path=study.storage.path)
     result = trainer.fit()
     if result.error is not None:

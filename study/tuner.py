@@ -8,6 +8,7 @@ builds a ``TorchTrainer`` named by the trial id and forwards its reports with Ra
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import optuna
@@ -40,6 +41,8 @@ def apply_to_job(job: dict, params: dict[str, Any]) -> JobConfig:
 
 def run_trial(config: dict, base_job: dict, resources: WorkerResources, storage_path: str) -> None:
     """The Tune function trainable: ``config`` holds the sampled ``section.key`` values."""
+    for name in ("ray.tune", "ray.train"):  # one line per checkpoint is noise in the study's console
+        logging.getLogger(name).setLevel(logging.WARNING)
     job = apply_to_job(base_job, config)
     if resources.num_workers == 1:
         fit(job, TuneReporter())

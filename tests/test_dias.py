@@ -45,6 +45,20 @@ def naive_cross_correlation(a, b, eps=1e-5):
     return corr
 
 
+def naive_dim_loss(variant, corr, lambda_offdiag=0.05, tau=0.1):
+    d = corr.shape[0]
+    c = [[float(corr[i, j]) for j in range(d)] for i in range(d)]
+    if variant == "barlow":
+        return sum((1 - c[i][i]) ** 2 + lambda_offdiag * sum(c[i][j] ** 2 for j in range(d) if j != i)
+                   for i in range(d)) / d
+    if variant == "diag_share":
+        return -sum(c[i][i] / sum(abs(c[i][j]) for j in range(d)) + c[i][i] / sum(abs(c[j][i]) for j in range(d))
+                    for i in range(d)) / d
+    rows = sum(-c[i][i] / tau + math.log(sum(math.exp(c[i][j] / tau) for j in range(d))) for i in range(d)) / d
+    cols = sum(-c[i][i] / tau + math.log(sum(math.exp(c[j][i] / tau) for j in range(d))) for i in range(d)) / d
+    return (rows + cols) / 2
+
+
 def naive_cos(x, y):
     return float(x @ y) / (float(x.norm()) * float(y.norm()))
 
@@ -177,9 +191,16 @@ def test_dim_loss_lower_for_aligned_than_permuted_dimensions(variant):
     assert aligned < permuted and aligned < shuffled_rows
 
 
+@pytest.mark.parametrize("variant", DIM_VARIANTS)
+def test_dim_loss_matches_loop(variant):
+    corr = torch.rand(6, 6, generator=torch.Generator().manual_seed(20), dtype=f64) * 2 - 1
+    assert dim_loss(variant, corr).item() == pytest.approx(naive_dim_loss(variant, corr))
+
+
 def test_dim_loss_values_at_identity_correlation():
     eye = torch.eye(5, dtype=f64)
     assert dl.barlow_dim_loss(eye, 1.0) == 0
+    assert dl.barlow_dim_loss(torch.zeros(5, 5, dtype=f64), 1.0) == 1  # uncorrelated: (1 - 0)² per dim
     assert dl.diag_share_dim_loss(eye) == -2
     assert dl.infonce_dim_loss(eye, 0.1) < dl.infonce_dim_loss(eye.flip(0), 0.1)
     # off-diagonal correlations cost λ_off each (divided by d)

@@ -155,13 +155,14 @@ def modality_consistency_loss(modality: Tensor, mask: Tensor) -> Tensor:
     p = log_p.exp()
     valid = mask.unsqueeze(-1).to(p.dtype)
     mean = (p * valid).sum(1, keepdim=True) / valid.sum(1, keepdim=True).clamp_min(1.0)
-    kl = (p * (log_p - mean.clamp_min(torch.finfo(p.dtype).tiny).log())).sum(-1)  # [B, N]
+    log_mean = mean.clamp_min(torch.finfo(p.dtype).tiny).log()
+    kl = (p * (log_p - log_mean)).sum(-1)  # [B, N]
     return torch.where(mask, kl, 0.0).sum() / mask.sum().clamp_min(1)
 
 
 def completeness_loss(reconstruction: Tensor, target: Tensor, mask: Tensor) -> Tensor:
-    """One modality's half of ``L_f = ‖w_s V^s + w_m V^m − V‖²`` or ``L_x = ‖w_x V^x + w_m V^m − V‖²``
-    (CDDS 4; known form, reconstructed normalisation).
+    """One modality's half of ``L_f = ‖w_s V^s + w_m V^m − V‖²`` or
+    ``L_x = ‖w_x V^x + w_m V^m − V‖²`` (CDDS 4; known form, reconstructed normalisation).
 
     reconstruction, target [B, N, d], mask [B, N] -> scalar: squared error averaged over dimensions
     (so the weight α_f does not scale with d) and over valid tokens. Exactly 0 for an exact

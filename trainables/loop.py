@@ -60,8 +60,17 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def unwrap(model: torch.nn.Module) -> ITMModel:
-    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+class TrainStep(torch.nn.Module):
+    """Forward + loss terms as one module call, so DDP sees every parameter a loss uses
+    (temperatures, learnable thresholds) inside its forward."""
+
+    def __init__(self, model: ITMModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: dict[str, torch.Tensor], epoch: int):
+        losses = self.model.loss_terms(self.model(batch), batch["image_ids"], epoch)
+        return losses.total(), losses.terms, losses.stats
 
 
 def fit(job: JobConfig, reporter: Reporter, device: torch.device | None = None) -> list[dict[str, float]]:
@@ -79,11 +88,11 @@ def fit(job: JobConfig, reporter: Reporter, device: torch.device | None = None) 
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(job.train.lr_decay_epochs),
                                                      gamma=job.train.lr_decay_gamma)
     history = restore(reporter.latest_checkpoint_dir(), model, optimizer, scheduler, device)
-    net = model
+    net = TrainStep(model)
     if reporter.world_size > 1:
         # Some switches leave parameters unused (e.g. a learnable threshold of a disabled term).
         net = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
+            net, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
     eval_loaders = build_eval_loaders(job.data, splits.val, tokenizer, job.train.eval_batch_size)
     # train.batch_size is global: each of the world_size replicas takes its share.
     per_replica = max(job.train.batch_size // reporter.world_size, 2)
@@ -92,7 +101,7 @@ def fit(job: JobConfig, reporter: Reporter, device: torch.device | None = None) 
     for epoch in range(len(history), job.train.epochs):
         set_epoch(loader, epoch)
         started = time.perf_counter()
-        metrics = train_one_epoch(net, loader, optimizer, job, epoch, device)
+        metrics = train_one_epoch(net, model, loader, optimizer, job, epoch, device)
         metrics.update(epoch=epoch + 1, lr=optimizer.param_groups[0]["lr"],
                        epoch_time_s=time.perf_counter() - started)
         scheduler.step()
@@ -114,10 +123,10 @@ def evaluate_test(model: ITMModel, job: JobConfig, split: PrecompSplit, tokenize
     return {f"test_{name}": value for name, value in result.items()}
 
 
-def train_one_epoch(net, loader, optimizer, job: JobConfig, epoch: int, device) -> dict[str, float]:
-    """One pass over ``loader``; returns mean loss terms and stats of the epoch."""
+def train_one_epoch(net, model: ITMModel, loader, optimizer, job: JobConfig, epoch: int, device) -> dict[str, float]:
+    """One pass over ``loader`` (``net`` is ``TrainStep(model)``, maybe DDP-wrapped); returns the
+    epoch's mean loss terms and stats."""
     net.train()
-    model = unwrap(net)
     sums: dict[str, float] = {}
     steps = 0
     for step, batch in enumerate(loader):
@@ -125,18 +134,15 @@ def train_one_epoch(net, loader, optimizer, job: JobConfig, epoch: int, device) 
             break
         batch = {key: value.to(device, non_blocking=True) for key, value in batch.items()}
         with autocast(device, job.train.precision):
-            out = net(batch)
-            losses = model.loss_terms(out, batch["image_ids"], epoch)
-            total = losses.total()
+            total, terms, stats = net(batch, epoch)
         if not torch.isfinite(total):
-            values = ", ".join(f"{k}={v.item():.4g}" for k, v in losses.terms.items())
+            values = ", ".join(f"{k}={v.item():.4g}" for k, v in terms.items())
             raise NonFiniteLossError(f"non-finite loss at epoch {epoch + 1} step {step + 1} ({values})")
         optimizer.zero_grad(set_to_none=True)
         total.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), job.train.grad_clip)
         optimizer.step()
-        record = {"loss": total.item(), **{f"loss_{k}": v.item() for k, v in losses.terms.items()},
-                  **losses.stats}
+        record = {"loss": total.item(), **{f"loss_{k}": v.item() for k, v in terms.items()}, **stats}
         for key, value in record.items():
             sums[key] = sums.get(key, 0.0) + float(value)
         steps += 1

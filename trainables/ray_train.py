@@ -80,5 +80,6 @@ def make_trainer(job: JobConfig, resources: WorkerResources, name: str, storage_
             name=name, storage_path=storage_path, callbacks=callbacks or [],
             failure_config=ray.train.FailureConfig(max_failures=max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),  # the CLI prints its own summary
         ),
     )

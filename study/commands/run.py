@@ -29,7 +29,7 @@ def report(outcome, study) -> int:
         metric = study.search.metric
         print(f"best trial {outcome.best['trial_id']}: {metric} = {outcome.best[metric]:.2f}")
         for key, value in outcome.best.items():
-            if "." in key:
+            if "." in key and value == value:  # NaN = a conditional parameter this trial did not use
                 print(f"  {key} = {value}")
     print(f"results : {outcome.results_csv}")
     print(f"study   : {outcome.study_dir}   (resume: python -m study resume {outcome.study_dir})")

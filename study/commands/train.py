@@ -13,6 +13,8 @@ def add_parser(sub) -> None:
     parser.add_argument("study", help="study YAML file")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a study-file value, e.g. --set train.epochs=2 (repeatable)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the newest interrupted run of this study from its last checkpoint")
     parser.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS or local)")
     parser.set_defaults(run=run)
 
@@ -21,7 +23,7 @@ def run(args) -> int:
     from study.training import run_training  # imports Ray: keep `--help` and config errors fast
 
     study = load_study(args.study, args.overrides)
-    result = run_training(study, address=args.address)
+    result = run_training(study, address=args.address, resume=args.resume)
     print_metrics(result.final, title=f"{study.name}: {study.method}, {study.train.epochs} epochs")
     print(f"\nrun directory : {result.run_dir}")
     print(f"MLflow        : mlflow ui --backend-store-uri {study.tracking.uri}  (run '{result.run_name}')")
