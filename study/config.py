@@ -19,7 +19,7 @@ from trainables.methods import METHODS, get_method
 
 
 class SearchConfig(Section):
-    space: str | None = None  # YAML search-space file; None = the method's shipped default
+    space: str | None = None  # YAML search-space file; None = the method's shipped default; "none" = only `params`
     params: dict[str, Any] = Field(default_factory=dict)  # inline additions / overrides of the space
     algorithm: Literal["optuna-tpe", "random", "grid"] = "optuna-tpe"
     num_samples: PositiveInt = 16

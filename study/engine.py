@@ -32,6 +32,17 @@ class StudyOutcome:
     best: dict | None
     results_csv: Path
     n_trials: int
+    interrupted: bool = False
+
+
+def expected_trials(study, params: dict[str, Param]) -> int:
+    if study.search.algorithm != "grid":
+        return study.search.num_samples
+    from math import prod
+
+    from study.spaces import grid
+
+    return prod(len(values) for values in grid(params).values())
 
 
 def study_dir_of(study) -> Path:
@@ -171,5 +182,7 @@ def finish(study, params, study_dir: Path, parent: str, grid) -> StudyOutcome:
         for name in params:
             if name in best and best[name] == best[name]:
                 client.set_tag(parent, f"best.{name}", str(best[name]))
-    client.set_terminated(parent, "FINISHED")
-    return StudyOutcome(study_dir, best, csv, len(table))
+    interrupted = len(table) < expected_trials(study, params) or (table["status"] == "interrupted").any()
+    if not interrupted:  # an interrupted study's parent run stays open until `resume` finishes it
+        client.set_terminated(parent, "FINISHED")
+    return StudyOutcome(study_dir, best, csv, len(table), interrupted)

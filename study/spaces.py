@@ -94,8 +94,12 @@ def default_space_path(method: str) -> Path:
 
 def resolve_space(study) -> dict[str, Param]:
     """The study's space: its file (or the method's default) with ``search.params`` merged on top."""
-    path = study.search.space or default_space_path(study.method)
-    params = dict(load_space_file(path).params) if (study.search.space or Path(path).exists()) else {}
+    space = study.search.space
+    if space == "none":
+        params = {}
+    else:
+        path = space or default_space_path(study.method)
+        params = dict(load_space_file(path).params) if (space or Path(path).exists()) else {}
     for name, raw in study.search.params.items():
         try:
             params[name] = Param(**raw) if isinstance(raw, dict) else Param(type="categorical", choices=list(raw))
@@ -104,6 +108,8 @@ def resolve_space(study) -> dict[str, Param]:
     if not params:
         raise ConfigError(f"the search space for {study.method!r} is empty: set search.space or search.params")
     check_space(study, params)
+    if study.search.algorithm == "grid":
+        grid(params)  # fails now, before anything is written, if a parameter has no grid points
     return params
 
 

@@ -69,5 +69,5 @@ def test_grid_needs_values_for_continuous_parameters(tmp_path):
     params = resolve_space(study_for(tmp_path, "base"))
     with pytest.raises(ConfigError, match="values"):
         grid(params)
-    fixed = resolve_space(study_for(tmp_path, "base", "search: {space: null, params: {train.lr: {type: uniform, low: 0.001, high: 0.01, values: [0.001, 0.01]}}}\n"))
+    fixed = resolve_space(study_for(tmp_path, "base", "search: {space: none, params: {train.lr: {type: uniform, low: 0.001, high: 0.01, values: [0.001, 0.01]}}}\n"))
     assert grid({"train.lr": fixed["train.lr"]}) == {"train.lr": [0.001, 0.01]}

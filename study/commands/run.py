@@ -34,4 +34,7 @@ def report(outcome, study) -> int:
     print(f"results : {outcome.results_csv}")
     print(f"study   : {outcome.study_dir}   (resume: python -m study resume {outcome.study_dir})")
     print(f"MLflow  : mlflow ui --backend-store-uri {study.tracking.uri}")
+    if outcome.interrupted:
+        print(f"interrupted: continue with `python -m study resume {outcome.study_dir}`")
+        return 130
     return 0 if outcome.best is not None else 1

@@ -74,6 +74,16 @@ class DiasModel(ITMModel):
                 self.params.dim_max_rows)
         return out
 
+    def correlation(self, out: dict[str, Tensor]) -> Tensor:
+        """C [d, d] of the rows ``dim_img``, ``dim_txt`` in float32.
+
+        bf16 autocast (CUDA) would wreck the raw-moment form E[xy] − E[x]E[y], which cancels; the
+        context manager is a no-op where autocast is off (CPU, fp32 runs).
+        """
+        m_v, m_t = out["dim_img"], out["dim_txt"]
+        with torch.autocast(m_v.device.type, enabled=False):
+            return dl.cross_correlation(m_v.float(), m_t.float())
+
     def dim_term(self, corr: Tensor) -> Tensor:
         """L_dim in the configured variant; corr [d, d] -> scalar."""
         p = self.params
@@ -103,7 +113,7 @@ class DiasModel(ITMModel):
         terms = {"loc": self.align(sims, image_ids, epoch)}
         stats = {"sparsity_k": float(self.sparsity_k.detach())}
         if p.use_dim:
-            corr = dl.cross_correlation(out["dim_img"], out["dim_txt"])
+            corr = self.correlation(out)
             terms["dim"] = self.dim_term(corr)
             stats["dim_corr_diag"] = float(corr.diagonal().mean().detach())
         if p.use_inter or p.use_intra:
