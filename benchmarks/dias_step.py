@@ -82,8 +82,8 @@ def summarise(times: dict[str, list[tuple[float, float]]], column: int, label: s
     ratio = statistics.median(dias) / statistics.median(base)
     # The per-round ratio is steadier on a loaded machine: both steps of a round share its load.
     paired = statistics.median(d / b for d, b in zip(dias, base))
-    return (f"{label}: base {statistics.median(base) * 1000:8.1f} ms/step, dias {statistics.median(dias) * 1000:8.1f} "
-            f"ms/step, ratio dias/base = {ratio:.3f} (median per-round ratio {paired:.3f})")
+    return (f"{label}: base {statistics.median(base) * 1000:8.1f} ms/step, "
+            f"dias {statistics.median(dias) * 1000:8.1f} ms/step, ratio dias/base = {ratio:.3f} (median per-round ratio {paired:.3f})")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -90,24 +90,28 @@ def naive_mask(r, valid, k, temperature, hard):
 
 
 def naive_spatial_loss(delta, weight):
-    num = sum(float(weight[i, j]) * float(delta[i, j]) ** 2 for i in range(delta.shape[0]) for j in range(delta.shape[1]))
+    n = delta.shape[0]
+    num = sum(float(weight[i, j]) * float(delta[i, j]) ** 2 for i in range(n) for j in range(n))
     return num / max(float(weight.sum()), 1e-8)
 
 
 def naive_cross_attend(regions, region_mask, words, word_mask, tau):
-    b, r, d = regions.shape
-    w2 = torch.zeros(b, r, d, dtype=regions.dtype)
-    r2 = torch.zeros(words.shape, dtype=regions.dtype)
+    """Each region's softmax-weighted text context and each word's image context, one at a time."""
+    b, r, _ = regions.shape
+    words_for_regions = torch.zeros(regions.shape, dtype=regions.dtype)
+    regions_for_words = torch.zeros(words.shape, dtype=regions.dtype)
     for n in range(b):
+        valid_words = [w for w in range(words.shape[1]) if word_mask[n, w]]
+        valid_regions = [i for i in range(r) if region_mask[n, i]]
         for i in range(r):
-            logits = [naive_cos(regions[n, i], words[n, w]) / tau for w in range(words.shape[1]) if word_mask[n, w]]
+            logits = [naive_cos(regions[n, i], words[n, w]) / tau for w in valid_words]
             weights = torch.tensor(logits, dtype=regions.dtype).softmax(0)
-            w2[n, i] = sum(wt * words[n, w] for wt, w in zip(weights, [w for w in range(words.shape[1]) if word_mask[n, w]]))
+            words_for_regions[n, i] = sum(wt * words[n, w] for wt, w in zip(weights, valid_words))
         for w in range(words.shape[1]):
-            valid = [i for i in range(r) if region_mask[n, i]]
-            weights = torch.tensor([naive_cos(regions[n, i], words[n, w]) / tau for i in valid], dtype=regions.dtype).softmax(0)
-            r2[n, w] = sum(wt * regions[n, i] for wt, i in zip(weights, valid))
-    return w2, r2
+            logits = [naive_cos(regions[n, i], words[n, w]) / tau for i in valid_regions]
+            weights = torch.tensor(logits, dtype=regions.dtype).softmax(0)
+            regions_for_words[n, w] = sum(wt * regions[n, i] for wt, i in zip(weights, valid_regions))
+    return words_for_regions, regions_for_words
 
 
 def random_tokens(b=3, r=4, l=5, d=6, dtype=f64, seed=0):
@@ -270,7 +274,8 @@ def test_sparse_mask_keeps_the_upper_tail_at_mu_plus_k_sigma():
 def test_mask_density_decreases_as_k_increases(hard):
     gen = torch.Generator().manual_seed(9)
     r, valid = torch.randn(32, 32, generator=gen), unmatched(32)
-    density = [float(dl.sparse_mask(r, valid, k, 0.1, hard=hard).sum() / valid.sum()) for k in (0.0, 0.5, 1.0, 2.0)]
+    density = [float(dl.sparse_mask(r, valid, k, 0.1, hard=hard).sum() / valid.sum())
+               for k in (0.0, 0.5, 1.0, 2.0)]
     assert all(a > b for a, b in zip(density, density[1:])), density
 
 
@@ -401,7 +406,8 @@ def test_same_image_pairs_get_no_weight():
     assert weight[2, 3] == 0 and weight[3, 2] == 0 and weight.diagonal().eq(0).all()
 
 
-@pytest.mark.parametrize("switch,removed", [("use_dim", {"dim"}), ("use_inter", {"inter"}), ("use_intra", {"intra"})])
+@pytest.mark.parametrize("switch,removed",
+                         [("use_dim", {"dim"}), ("use_inter", {"inter"}), ("use_intra", {"intra"})])
 def test_each_switch_removes_its_term(switch, removed):
     batch = make_batch()
     _, full = run(make_model(), batch)
