@@ -77,6 +77,9 @@ class _StudyBase(Section):
     @model_validator(mode="after")
     def _known_method(self):
         get_method(self.method)
+        section = getattr(self, self.method, None)
+        if section is not None:
+            section.check_model(self.model)
         return self
 
     def method_params(self, method: str | None = None) -> dict:

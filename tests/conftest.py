@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -13,6 +14,10 @@ os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# Tiny models on 2 shared cores: one intra-op thread is faster and keeps runs deterministic
+# (Ray workers get OMP_NUM_THREADS from their CPU share anyway).
+torch.set_num_threads(1)
 SMOKE = ROOT / "studies" / "smoke.yaml"
 
 

@@ -43,8 +43,8 @@ def test_unknown_method_lists_valid_ones(tmp_path):
 
 
 def test_broken_yaml_is_one_line_with_the_line_number(tmp_path):
-    with pytest.raises(ConfigError, match="line 2"):
-        load_study(write(tmp_path, "name: x\ntrain: {epochs: 2\n"))
+    with pytest.raises(ConfigError, match=r"study.yaml: line 2 is not valid YAML"):
+        load_study(write(tmp_path, "name: x\ntrain: epochs: 2\n"))
 
 
 def test_relative_paths_become_absolute(tmp_path, monkeypatch):
@@ -59,3 +59,8 @@ def test_cli_reports_config_errors_in_one_line_with_exit_2(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "bogus" in err
     assert main(["train", str(tmp_path / "missing.yaml")]) == 2
+
+
+def test_cross_section_checks_run_before_ray(tmp_path):
+    with pytest.raises(ConfigError, match="cdds.num_heads"):
+        load_study(write(tmp_path, "name: x\nmethod: cdds\nmodel: {embed_dim: 30}\ncdds: {num_heads: 4}\n"))

@@ -16,6 +16,10 @@ class Section(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    def check_model(self, model: "ModelConfig") -> None:
+        """Cross-section checks of a method section against ``model:`` (default: none).
+        Raise a one-line ConfigError; the driver calls this before Ray starts."""
+
 
 class DataConfig(Section):
     root: str = "data/synth"

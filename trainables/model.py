@@ -88,9 +88,12 @@ class ITMModel(nn.Module):
         return LossOutput(terms={"align": self.align(sims, image_ids, epoch)})
 
     def param_groups(self, lr: float, text_lr_scale: float) -> list[dict]:
-        """The pretrained text backbone learns at ``lr * text_lr_scale``; everything else at ``lr``."""
+        """The pretrained text backbone learns at ``lr * text_lr_scale``; everything else at ``lr``.
+        Scalars (temperatures, learnable thresholds, mixing weights) are exempt from weight decay,
+        which would otherwise pull them towards 0 regardless of the loss."""
         backbone = [p for p in self.text_encoder.backbone.parameters() if p.requires_grad]
         ids = {id(p) for p in backbone}
         rest = [p for p in self.parameters() if p.requires_grad and id(p) not in ids]
-        return [{"params": rest, "lr": lr, "name": "main"},
+        return [{"params": [p for p in rest if p.ndim > 0], "lr": lr, "name": "main"},
+                {"params": [p for p in rest if p.ndim == 0], "lr": lr, "name": "scalars", "weight_decay": 0.0},
                 {"params": backbone, "lr": lr * text_lr_scale, "name": "text_backbone"}]
