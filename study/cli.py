@@ -7,9 +7,9 @@ import sys
 
 from trainables.errors import ITMError
 
-from study.commands import data, resume, run, train
+from study.commands import ablate, data, report, resume, run, train
 
-COMMANDS = (data, train, run, resume)
+COMMANDS = (data, train, run, resume, ablate, report)
 
 
 def build_parser() -> argparse.ArgumentParser:

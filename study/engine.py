@@ -20,7 +20,7 @@ from trainables.errors import ConfigError
 
 from study import tracking
 from study.config import validate
-from study.ray_session import connect
+from study.ray_session import connect, job_working_dir
 from study.spaces import Param, resolve_space
 
 STUDY_FILE, SPACE_FILE, PARENT_FILE, RESULTS_FILE = "study.yaml", "space.yaml", "mlflow_parent.json", "results.csv"
@@ -46,10 +46,20 @@ def expected_trials(study, params: dict[str, Param]) -> int:
 
 
 def study_dir_of(study) -> Path:
-    if "://" in study.storage.path:
-        raise ConfigError(f"storage.path {study.storage.path!r}: the study engine keeps its Optuna journal and "
-                          "results beside Tune's state and needs a local or NFS path shared by all nodes")
-    return Path(study.storage.path) / study.name
+    """``storage.path/NAME``. On a cluster every node writes trial checkpoints there and the driver
+    writes its sidecar files (Optuna journal, results.csv) with plain file I/O, so the path must be
+    a directory all nodes see: a local dir on one machine, an NFS/shared mount on a cluster."""
+    path = study.storage.path
+    if "://" in path:
+        raise ConfigError(f"storage.path {path!r}: the study engine writes its Optuna journal and results.csv "
+                          "beside Tune's state with plain file I/O, so it needs a directory (local on one machine, "
+                          "an NFS mount shared by all nodes on a cluster), e.g. --set storage.path=/mnt/shared/results")
+    job_dir = job_working_dir()
+    if job_dir is not None and Path(path).is_relative_to(job_dir):
+        raise ConfigError(f"storage.path {str(Path(path).relative_to(job_dir))!r} resolves inside the Ray job's "
+                          f"working_dir copy ({job_dir}), which is per node and deleted with the cluster: give an "
+                          "absolute path all nodes share, e.g. --set storage.path=/mnt/shared/results")
+    return Path(path) / study.name
 
 
 def git_commit() -> str:

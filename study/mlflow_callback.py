@@ -88,6 +88,8 @@ class MlflowStudyCallback(Callback):
         metrics = {k: v for k, v in result.items() if k not in SKIP_METRICS and k != "config"
                    and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
         tracking.log_epoch(self.client, run_id, metrics, step=step)
+        if step == 1 or trial.trial_id not in self.last_epoch:  # once per (re)start is enough
+            self.client.set_tag(run_id, "node_id", str(result.get("node_id", "unknown")))
         self.last_epoch[trial.trial_id] = step
 
     def on_trial_complete(self, iteration, trials, trial, **info):

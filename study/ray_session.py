@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 
 import ray
+from ray.exceptions import AuthenticationError
+
+from trainables.errors import ConfigError
+
+# Set by Ray for the entrypoint of a Ray Job (`ray job submit`): its runtime env and metadata.
+JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 
 
 def connect(address: str | None = None) -> None:
@@ -18,7 +26,30 @@ def connect(address: str | None = None) -> None:
     address = address or os.environ.get("RAY_ADDRESS")
     # Keep worker logs out of the driver's terminal except errors: the CLI prints its own progress.
     kwargs = dict(log_to_driver=True, configure_logging=True, logging_level="WARNING")
-    if address:
-        ray.init(address=address, **kwargs)
-    else:
+    if not address:
         ray.init(**kwargs)
+        return
+    if address.startswith(("http://", "https://")):
+        raise ConfigError(f"RAY_ADDRESS={address} is a dashboard (job submission) address: submit the study "
+                          "with cluster/submit.sh, or set RAY_ADDRESS to the head's GCS address (host:6379)")
+    try:
+        ray.init(address=address, **kwargs)
+    except AuthenticationError:
+        raise ConfigError(f"the Ray cluster at {address} requires its token: set RAY_AUTH_MODE=token and "
+                          "RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH) as on the cluster's nodes") from None
+
+
+def job_working_dir() -> Path | None:
+    """The driver's working directory if it runs as a Ray Job with an uploaded ``working_dir``.
+
+    That directory is an unpacked per-node copy under Ray's session dir, deleted with the session:
+    nothing that must outlive the job or be seen by other nodes may be written below it.
+    """
+    config = os.environ.get(JOB_CONFIG_ENV)
+    if not config:
+        return None
+    try:
+        runtime_env = json.loads(config).get("runtime_env") or {}
+    except (ValueError, AttributeError):
+        return None
+    return Path.cwd().resolve() if runtime_env.get("working_dir") else None

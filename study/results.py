@@ -35,6 +35,7 @@ def results_table(grid, params: dict, metric: str, epochs: int) -> pd.DataFrame:
         row.update({name: config.get(name) for name in params})
         row.update({key: metrics.get(key) for key in (*KEEP_METRICS, metric) if key in metrics})
         row["epochs"] = metrics.get("training_iteration", 0)
+        row["node_id"] = metrics.get("node_id", "")
         row["error"] = str(result.error).strip().splitlines()[-1][:300] if result.error is not None else ""
         rows.append(row)
     return pd.DataFrame(rows)

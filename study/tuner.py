@@ -116,3 +116,51 @@ def build_tuner(study, params: dict[str, Param], base_job: dict, journal_path: s
 def restore_tuner(study_dir: str, study, base_job: dict) -> ray.tune.Tuner:
     return ray.tune.Tuner.restore(study_dir, trainable=trainable(study, base_job, study.storage.path),
                                   resume_unfinished=True, resume_errored=False)
+
+
+# --------------------------------------------------------------------------------------------------
+# Ablation grid (``study ablate``): rows × seeds, FIFO, no search algorithm, no early stopping
+# --------------------------------------------------------------------------------------------------
+
+
+def run_ablation_trial(config: dict, jobs: dict[str, dict], resources: WorkerResources, storage_path: str) -> None:
+    """One ablation cell: row ``config["variant"]``'s job (rows may switch method) with its seed."""
+    run_trial({"train.seed": config["seed"]}, jobs[config["variant"]], resources, storage_path)
+
+
+def ablation_trainable(study, jobs: dict[str, dict]):
+    r = study.resources
+    resources = WorkerResources(r.workers_per_trial, r.cpus_per_worker, r.gpus)
+    fn = ray.tune.with_parameters(run_ablation_trial, jobs=jobs, resources=resources,
+                                  storage_path=study.storage.path)
+    # As in ``trainable``: a multi-worker trial only drives; its Train workers request their own resources.
+    request = {"CPU": r.cpus_per_worker, "GPU": r.gpus} if resources.num_workers == 1 else {"CPU": 0}
+    return ray.tune.with_resources(fn, request)
+
+
+def build_ablation_tuner(study, name: str, jobs: dict[str, dict], seeds: list[int], callbacks: list) -> ray.tune.Tuner:
+    """One Tune grid over ``variant`` × ``seed``; every trial runs all epochs (FIFO)."""
+    progress = ray.tune.CLIReporter(
+        metric_columns={"training_iteration": "epoch", "loss": "loss", "rsum": "rsum"},
+        parameter_columns={"variant": "variant", "seed": "seed"}, max_report_frequency=30)
+    return ray.tune.Tuner(
+        ablation_trainable(study, jobs),
+        param_space={"variant": ray.tune.grid_search(list(jobs)), "seed": ray.tune.grid_search(list(seeds))},
+        tune_config=ray.tune.TuneConfig(
+            metric="rsum", mode="max", scheduler=FIFOScheduler(), num_samples=1,
+            max_concurrent_trials=study.resources.max_concurrent_trials,
+            trial_name_creator=lambda trial: f"trial_{trial.trial_id}",
+            trial_dirname_creator=lambda trial: f"trial_{trial.trial_id}",
+        ),
+        run_config=ray.tune.RunConfig(
+            name=name, storage_path=study.storage.path, callbacks=callbacks,
+            failure_config=ray.tune.FailureConfig(max_failures=study.search.max_failures),
+            checkpoint_config=ray.tune.CheckpointConfig(num_to_keep=1),
+            progress_reporter=progress, verbose=1,
+        ),
+    )
+
+
+def restore_ablation_tuner(ablation_dir: str, study, jobs: dict[str, dict]) -> ray.tune.Tuner:
+    return ray.tune.Tuner.restore(ablation_dir, trainable=ablation_trainable(study, jobs),
+                                  resume_unfinished=True, resume_errored=False)

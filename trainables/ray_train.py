@@ -26,6 +26,11 @@ class WorkerResources:
     gpus_per_worker: float = 0
 
 
+def node_id() -> str:
+    """The Ray node this process runs on (recorded per trial: which node trained it)."""
+    return ray.get_runtime_context().get_node_id()
+
+
 class RayTrainReporter:
     """``Reporter`` inside a Ray Train worker."""
 
@@ -36,7 +41,7 @@ class RayTrainReporter:
 
     def report(self, metrics: dict[str, float], checkpoint_dir: str | None) -> None:
         checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
-        ray.train.report(metrics, checkpoint=checkpoint)
+        ray.train.report({**metrics, "node_id": node_id()}, checkpoint=checkpoint)
 
     def latest_checkpoint_dir(self) -> str | None:
         checkpoint = ray.train.get_checkpoint()
@@ -51,7 +56,7 @@ class TuneReporter:
 
     def report(self, metrics: dict[str, float], checkpoint_dir: str | None) -> None:
         checkpoint = ray.tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
-        ray.tune.report(metrics, checkpoint=checkpoint)
+        ray.tune.report({**metrics, "node_id": node_id()}, checkpoint=checkpoint)
 
     def latest_checkpoint_dir(self) -> str | None:
         checkpoint = ray.tune.get_checkpoint()

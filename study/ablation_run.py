@@ -1,0 +1,117 @@
+"""``study ablate``: the ablation grid (rows × seeds) as one Ray Tune run, tracked in MLflow.
+
+The ablation directory ``storage.path/NAME-ablation/`` holds Tune's state, the resolved study file
+(fixed hyperparameters applied, rows and seeds spelled out), ``ablation.json``, the MLflow parent
+run id, the per-trial ``results.csv`` and the table as ``ablation.{md,tex,csv}``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+from study.ablation import AblationPlan, ablation_dir_of, plan_ablation
+from study.ablation_output import is_finished, read_meta, trial_table, write_meta, write_tables
+from study.ablation_tracking import AblationCallback, log_outputs, start_parent_run
+from study.config import validate
+from study.engine import PARENT_FILE, RESULTS_FILE, STUDY_FILE
+from study.preflight import check_data
+from study.ray_session import connect
+from trainables.errors import ConfigError
+
+
+@dataclass
+class AblationOutcome:
+    ablation_dir: Path
+    trials: pd.DataFrame
+    markdown: str
+    files: list[Path]
+    interrupted: bool
+
+
+def state_of(ablation_dir: Path) -> str:
+    """``new`` (nothing there), ``finished`` (every row × seed done) or ``unfinished``."""
+    if not (ablation_dir / PARENT_FILE).exists():
+        return "new"
+    meta, results = read_meta(ablation_dir), ablation_dir / RESULTS_FILE
+    if results.is_file() and is_finished(pd.read_csv(results), len(meta["rows"]) * len(meta["seeds"])):
+        return "finished"
+    return "unfinished"
+
+
+def finished_error(name: str, ablation_dir: Path) -> ConfigError:
+    return ConfigError(f"ablation {name!r} already finished at {ablation_dir} (table: ablation.md; rebuild it "
+                       f"with `python -m study report {ablation_dir}`); to run it again choose another name, "
+                       "e.g. --set name=NEW")
+
+
+def prepare(plan: AblationPlan, ablation_dir: Path) -> str:
+    """Write the resolved study (rows and seeds spelled out, so --resume needs nothing else) and
+    ``ablation.json``, open the MLflow parent run and record its id."""
+    ablation_dir.mkdir(parents=True, exist_ok=True)
+    resolved = plan.study.model_dump(mode="json")
+    resolved["ablation"] = {"variants": [r.name for r in plan.rows], "seeds": list(plan.seeds)}
+    (ablation_dir / STUDY_FILE).write_text(yaml.safe_dump(resolved, sort_keys=False))
+    meta = write_meta(plan, ablation_dir)
+    parent = start_parent_run(plan, ablation_dir, [ablation_dir / STUDY_FILE, meta])
+    (ablation_dir / PARENT_FILE).write_text(json.dumps({"run_id": parent}))
+    return parent
+
+
+def run_ablation(study, from_study: str | None = None, address: str | None = None) -> AblationOutcome:
+    """Validate rows, seeds, fixed hyperparameters and data, then run the grid and write the table."""
+    from study.tuner import build_ablation_tuner
+
+    plan = plan_ablation(study, from_study)
+    check_data(plan.study.data)
+    ablation_dir = ablation_dir_of(plan.study)
+    state = state_of(ablation_dir)  # like `study run`: an existing ablation is never overwritten
+    if state == "finished":
+        raise finished_error(plan.name, ablation_dir)
+    if state == "unfinished":
+        raise ConfigError(f"ablation {plan.name!r} exists at {ablation_dir} but did not finish: continue it with "
+                          "`python -m study ablate STUDY.yaml --resume`, or choose another name, e.g. --set name=NEW")
+    parent = prepare(plan, ablation_dir)
+    connect(address)
+    tuner = build_ablation_tuner(plan.study, plan.name, plan.jobs, list(plan.seeds),
+                                 [AblationCallback(plan, parent)])
+    return finish(plan, ablation_dir, parent, tuner.fit())
+
+
+def resume_ablation(study, address: str | None = None) -> AblationOutcome:
+    """Continue an interrupted ablation from its stored plan; finished trials are not run again."""
+    from study.tuner import build_ablation_tuner, restore_ablation_tuner
+
+    ablation_dir = ablation_dir_of(study)
+    state = state_of(ablation_dir)
+    if state == "new":
+        raise ConfigError(f"nothing to resume: no ablation at {ablation_dir}; start it without --resume")
+    if state == "finished":
+        raise finished_error(f"{study.name}-ablation", ablation_dir)
+    stored = validate(yaml.safe_load((ablation_dir / STUDY_FILE).read_text()), str(ablation_dir / STUDY_FILE))
+    plan = replace(plan_ablation(stored), source=read_meta(ablation_dir)["source"])
+    check_data(plan.study.data)
+    parent = json.loads((ablation_dir / PARENT_FILE).read_text())["run_id"]
+    connect(address)
+    if (ablation_dir / "tuner.pkl").exists():
+        tuner = restore_ablation_tuner(str(ablation_dir), plan.study, plan.jobs)
+    else:  # interrupted before Tune wrote its state
+        tuner = build_ablation_tuner(plan.study, plan.name, plan.jobs, list(plan.seeds),
+                                     [AblationCallback(plan, parent)])
+    return finish(plan, ablation_dir, parent, tuner.fit())
+
+
+def finish(plan: AblationPlan, ablation_dir: Path, parent: str, grid) -> AblationOutcome:
+    """Per-trial results, the three table formats, all logged to the parent run (closed when done)."""
+    trials = trial_table(grid, plan.jobs, plan.study.train.epochs)
+    csv = ablation_dir / RESULTS_FILE
+    trials.to_csv(csv, index=False)
+    interrupted = not is_finished(trials, len(plan.rows) * len(plan.seeds))
+    markdown, files = write_tables(trials, read_meta(ablation_dir), ablation_dir)
+    study = plan.study
+    log_outputs(study.tracking.uri, study.tracking.experiment, parent, [csv, *files], close=not interrupted)
+    return AblationOutcome(ablation_dir, trials, markdown, files, interrupted)

@@ -1,0 +1,73 @@
+"""MLflow for an ablation: one parent run, one child run per row × seed (``MlflowStudyCallback`` with
+row-aware run names, params and tags)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from study import tracking
+from study.mlflow_callback import MlflowStudyCallback
+
+
+def row_params(plan) -> dict[str, dict[str, str]]:
+    """Per row the flat params its child runs log: data/model/train, the row's method and section."""
+    params = {}
+    for name, job in plan.jobs.items():
+        flat = tracking.flatten({k: job[k] for k in ("method", "data", "model", "train")})
+        flat.update(tracking.flatten({job["method"]: job["method_params"]}))
+        params[name] = flat
+    return params
+
+
+class AblationCallback(MlflowStudyCallback):
+    """Children named ``<row> seed=<s>`` and tagged with variant, seed and the row's own method
+    (the base row runs ``base`` inside a DIAS ablation). Completion and failure tags are inherited."""
+
+    def __init__(self, plan, parent_run_id: str):
+        study = plan.study
+        super().__init__(study.tracking.uri, study.tracking.experiment, parent_run_id, study.name,
+                         study.method, {}, study.train.epochs)
+        self.row_params = row_params(plan)
+        self.row_methods = {name: job["method"] for name, job in plan.jobs.items()}
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        if trial.trial_id in self.runs:  # restored or retried: the parent class marks it running again
+            return super().on_trial_start(iteration, trials, trial, **info)
+        variant, seed = trial.config["variant"], int(trial.config["seed"])
+        number = self.numbers.setdefault(trial.trial_id, len(self.numbers))
+        _, experiment_id = tracking.client_for(self.uri, self.experiment)
+        run = self.client.create_run(experiment_id, run_name=f"{variant} seed={seed}", tags={
+            "mlflow.parentRunId": self.parent_run_id, "study": self.study_name, "kind": "ablation-trial",
+            "method": self.row_methods[variant], "variant": variant, "seed": str(seed),
+            "trial_id": trial.trial_id, "trial_number": str(number), "status": "running"})
+        self.runs[trial.trial_id] = run.info.run_id
+        params = {**self.row_params[variant], "train.seed": str(seed), "ablation.variant": variant}
+        tracking.log_params(self.client, run.info.run_id, params)
+
+
+def start_parent_run(plan, ablation_dir: Path, files: list[Path]) -> str:
+    """The ablation's parent run: the resolved study, rows, seeds and (``--from-study``) the source."""
+    from study.engine import environment, git_commit
+
+    study = plan.study
+    client, experiment_id = tracking.client_for(study.tracking.uri, study.tracking.experiment)
+    tags = {"study": study.name, "method": study.method, "kind": "ablation", "git_commit": git_commit(),
+            "study_dir": str(ablation_dir), "variants": ", ".join(r.name for r in plan.rows),
+            "seeds": ", ".join(map(str, plan.seeds))}
+    if plan.source:
+        tags.update({"from_study": plan.source["from_study"], "from_trial_id": plan.source["trial_id"]})
+    run = client.create_run(experiment_id, run_name=plan.name, tags=tags)
+    flat = tracking.flatten(study.model_dump(mode="json"))
+    tracking.log_params(client, run.info.run_id, {**flat, **{f"env.{k}": v for k, v in environment().items()}})
+    for path in files:
+        client.log_artifact(run.info.run_id, str(path))
+    return run.info.run_id
+
+
+def log_outputs(uri: str, experiment: str, parent: str, files: list[Path], close: bool) -> None:
+    """Attach the per-trial results and the three table formats; close the parent when finished."""
+    client, _ = tracking.client_for(uri, experiment)
+    for path in files:
+        client.log_artifact(parent, str(path))
+    if close:
+        client.set_terminated(parent, "FINISHED")

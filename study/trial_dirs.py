@@ -1,0 +1,43 @@
+"""Trials read straight from Tune's trial directories (``trial_*/params.json`` + ``result.json``).
+
+``results.csv`` is written when a study or ablation ends; a driver killed mid-run leaves none, but
+every trial directory still holds its config and one JSON line per reported epoch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pandas as pd
+
+
+def last_result(path: Path) -> dict:
+    """The last complete JSON line of ``result.json`` (a killed writer may leave a torn last line)."""
+    for line in reversed(path.read_text().splitlines() if path.is_file() else []):
+        try:
+            return json.loads(line)
+        except json.JSONDecodeError:
+            continue
+    return {}
+
+
+def read_trial_dirs(run_dir: Path, epochs: int) -> pd.DataFrame:
+    """One row per ``trial_*`` directory: trial id, status, config values, last numeric metrics.
+
+    Status: ``failed`` when Tune wrote an error file, ``completed`` when all ``epochs`` were reported,
+    else ``incomplete`` (Tune's own record of early stopping lives in its experiment state).
+    """
+    rows = []
+    for trial in sorted(Path(run_dir).glob("trial_*")):
+        params = trial / "params.json"
+        config = json.loads(params.read_text()) if params.is_file() else {}
+        metrics = last_result(trial / "result.json")
+        done = int(metrics.get("training_iteration", 0))
+        status = "failed" if (trial / "error.txt").exists() else "completed" if done >= epochs else "incomplete"
+        row = {"trial_id": trial.name.removeprefix("trial_"), "status": status, **config, "epochs": done}
+        row.update({k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+                    and math.isfinite(v) and k not in row})
+        rows.append(row)
+    return pd.DataFrame(rows)
