@@ -125,21 +125,34 @@ EOF
   echo "use it:   . $STATE"
 }
 
+members() {  # node pids -> every process in their sessions (setsid) and all their descendants
+  ps -eo pid=,ppid=,sid= | awk -v roots="$*" '
+    BEGIN { n = split(roots, r, " "); for (i = 1; i <= n; i++) node[r[i]] = 1 }
+    { pid[NR] = $1; ppid[NR] = $2; if ($3 in node) mark[$1] = 1 }
+    END {  # descendants: a job driver runs in a session of its own under the job supervisor
+      do { grew = 0; for (i = 1; i <= NR; i++) if (!(pid[i] in mark) && (ppid[i] in mark)) { mark[pid[i]] = 1; grew = 1 } } while (grew)
+      for (p in mark) print p
+    }'
+}
+
 down() {
   [ -f "$STATE" ] || { echo "down: no cluster at $CLUSTER_DIR"; return 0; }
   # shellcheck disable=SC1090
   NODE_PIDS=""; . "$STATE"
-  local pid deadline=$((SECONDS + 30)) order=""
+  local pid deadline=$((SECONDS + 40)) order="" left
   for pid in $NODE_PIDS; do order="$pid $order"; done  # workers first, the head last
+  # shellcheck disable=SC2086
+  left=$(members $NODE_PIDS)
   # SIGTERM: `ray start --block` drains its node and stops the processes it started.
-  for pid in $order; do alive "$pid" && kill -TERM "$pid" 2>/dev/null || true; done
+  for pid in $order; do if alive "$pid"; then kill -TERM "$pid" 2>/dev/null || true; fi; done
   for pid in $order; do
     while alive "$pid" && [ "$SECONDS" -lt "$deadline" ]; do sleep 0.5; done
   done
-  # Whatever is left of a node's session (its own process group): SIGKILL by group id.
-  for pid in $order; do kill -KILL -- "-$pid" 2>/dev/null || true; done
+  sleep 1  # let workers notice their raylet is gone
+  # Whatever outlived its node (a stuck worker, a job driver): SIGKILL by pid.
+  for pid in $left; do if alive "$pid"; then kill -KILL "$pid" 2>/dev/null || true; fi; done
   rm -f "$STATE" "$TOKEN_FILE"
-  echo "down: stopped nodes $NODE_PIDS (logs kept in $CLUSTER_DIR)"
+  echo "down: stopped nodes$NODE_PIDS (logs kept in $CLUSTER_DIR)"
 }
 
 status() {

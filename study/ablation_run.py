@@ -18,7 +18,7 @@ from study.ablation import AblationPlan, ablation_dir_of, plan_ablation
 from study.ablation_output import is_finished, read_meta, trial_table, write_meta, write_tables
 from study.ablation_tracking import AblationCallback, log_outputs, start_parent_run
 from study.config import validate
-from study.engine import PARENT_FILE, RESULTS_FILE, STUDY_FILE
+from study.engine import PARENT_FILE, RESULTS_FILE, STUDY_FILE, quiet_tune_console
 from study.preflight import check_data
 from study.ray_session import connect
 from trainables.errors import ConfigError
@@ -77,6 +77,7 @@ def run_ablation(study, from_study: str | None = None, address: str | None = Non
                           "`python -m study ablate STUDY.yaml --resume`, or choose another name, e.g. --set name=NEW")
     parent = prepare(plan, ablation_dir)
     connect(address)
+    quiet_tune_console()
     tuner = build_ablation_tuner(plan.study, plan.name, plan.jobs, list(plan.seeds),
                                  [AblationCallback(plan, parent)])
     return finish(plan, ablation_dir, parent, tuner.fit())
@@ -97,6 +98,7 @@ def resume_ablation(study, address: str | None = None) -> AblationOutcome:
     check_data(plan.study.data)
     parent = json.loads((ablation_dir / PARENT_FILE).read_text())["run_id"]
     connect(address)
+    quiet_tune_console()
     if (ablation_dir / "tuner.pkl").exists():
         tuner = restore_ablation_tuner(str(ablation_dir), plan.study, plan.jobs)
     else:  # interrupted before Tune wrote its state

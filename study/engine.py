@@ -57,7 +57,7 @@ def study_dir_of(study) -> Path:
     job_dir = job_working_dir()
     if job_dir is not None and Path(path).is_relative_to(job_dir):
         raise ConfigError(f"storage.path {str(Path(path).relative_to(job_dir))!r} resolves inside the Ray job's "
-                          f"working_dir copy ({job_dir}), which is per node and deleted with the cluster: give an "
+                          f"working_dir copy ({job_dir}), which is per node and temporary: give an "
                           "absolute path all nodes share, e.g. --set storage.path=/mnt/shared/results")
     return Path(path) / study.name
 
@@ -142,10 +142,15 @@ def resume_study(study_dir: str | Path, address: str | None = None) -> StudyOutc
     return finish(study, params, study_dir, parent, tuner.fit())
 
 
-def make_tuner(study, params, study_dir: Path, parent: str):
+def quiet_tune_console() -> None:
+    """Tune's console as the study commands want it; call before building a Tuner."""
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the classic reporter: a compact live table
     # Every epoch checkpoints by design (resume from the last epoch); Tune's advice against it is noise here.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+
+
+def make_tuner(study, params, study_dir: Path, parent: str):
+    quiet_tune_console()
     import ray.tune
 
     from study.mlflow_callback import MlflowStudyCallback

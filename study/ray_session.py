@@ -34,9 +34,20 @@ def connect(address: str | None = None) -> None:
                           "with cluster/submit.sh, or set RAY_ADDRESS to the head's GCS address (host:6379)")
     try:
         ray.init(address=address, **kwargs)
-    except AuthenticationError:
-        raise ConfigError(f"the Ray cluster at {address} requires its token: set RAY_AUTH_MODE=token and "
+    except (AuthenticationError, ConnectionError) as err:
+        if not refused_token(err):
+            raise
+        raise ConfigError(f"the Ray cluster at {address} refused this driver's token: set RAY_AUTH_MODE=token and "
                           "RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH) as on the cluster's nodes") from None
+
+
+def refused_token(err: BaseException | None) -> bool:
+    """Whether ``err`` or its causes is Ray's token check (``ray.init`` wraps it in a ConnectionError)."""
+    while err is not None:
+        if isinstance(err, AuthenticationError) or "InvalidAuthToken" in str(err):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
 
 
 def job_working_dir() -> Path | None:

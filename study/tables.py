@@ -89,10 +89,14 @@ def caption(method: str, dataset: str, seeds: list[int], blocks: list[Block], or
     """Plain-text caption: what the cells are, over which seeds, and what the mark means."""
     reference = reference_of(order)
     where = " and ".join(b.title for b in blocks)
-    text = (f"Ablation of {method} on {dataset}: R@K (%) and rSum on the {where} at the final epoch, "
-            f"mean ± std over seeds {', '.join(map(str, seeds))}. Δ rSum is relative to {reference}. "
-            f"† marks an rSum that differs from {reference} by Welch's t-test across seeds "
-            f"(unequal variances, two-sided, p < {ALPHA:g}).")
+    text = f"Ablation of {method} on {dataset}: R@K (%) and rSum on the {where} at the final epoch, "
+    if len(seeds) > 1:
+        text += (f"mean ± std over seeds {', '.join(map(str, seeds))}. Δ rSum is relative to {reference}. "
+                 f"† marks an rSum that differs from {reference} by Welch's t-test across seeds "
+                 f"(unequal variances, two-sided, p < {ALPHA:g}).")
+    else:
+        text += (f"one run per row (seed {seeds[0]}). Δ rSum is relative to {reference}; "
+                 "significance needs at least 2 seeds per row.")
     short = sorted({name for frame in summaries.values() for name, n in frame["n"].items() if n < len(seeds)})
     if short:
         text += " Fewer seeds finished for: " + ", ".join(short) + "."

@@ -62,7 +62,9 @@ def trainable(study, base_job: dict, storage_path: str):
     if resources.num_workers == 1:
         request = {"CPU": r.cpus_per_worker, "GPU": r.gpus}
     else:
-        request = {"CPU": 0}  # the trial only drives; its Train workers request their own resources
+        # The trial only drives; its Train workers request their own CPUs/GPUs. Ray refuses an empty
+        # request, so the driver asks for a sliver of memory instead of a CPU a worker needs.
+        request = {"CPU": 0, "memory": 64 * 2**20}
     return ray.tune.with_resources(fn, request)
 
 

@@ -113,3 +113,48 @@ def test_interrupted_study_resumes_without_repeating_trials(smoke_study, ray_ses
     kids, parents = children(study)
     assert len(parents) == 1 and len(kids) == 3 and len({k.data.tags["trial_id"] for k in kids}) == 3
     assert parents[0].info.status == "FINISHED"
+
+
+def kill_trial_after_first_epoch(study_dir: Path, killed: list, timeout: float = 180) -> None:
+    import json
+
+    deadline = time.time() + timeout
+    while time.time() < deadline and not killed:
+        for result in study_dir.glob("trial_*/result.json"):
+            lines = result.read_text().splitlines()
+            if lines:
+                pid = json.loads(lines[0])["pid"]
+                os.kill(pid, signal.SIGKILL)  # the trial's worker process dies mid-study
+                killed.append(pid)
+                return
+        time.sleep(0.2)
+
+
+def test_killed_trial_process_resumes_from_its_last_epoch(smoke_study, ray_session):
+    import json
+    import threading
+
+    study = smoke_study(*QUICK, "search.num_samples=1", "search.scheduler=fifo", "search.max_failures=1",
+                        "train.epochs=4")
+    killed: list[int] = []
+    killer = threading.Thread(target=kill_trial_after_first_epoch,
+                              args=(Path(study.storage.path) / study.name, killed), daemon=True)
+    killer.start()
+    outcome = run_study(study)
+    killer.join(timeout=5)
+    assert killed, "the trial process was never killed"
+    table = pd.read_csv(outcome.results_csv)
+    assert list(table["status"]) == ["completed"] and table["epochs"].iloc[0] == 4
+    rows = [json.loads(line) for path in (Path(study.storage.path) / study.name).glob("trial_*/result.json")
+            for line in path.read_text().splitlines()]
+    assert rows[-1]["epoch"] == 4 and rows[-1]["pid"] != killed[0]
+    assert rows[-1]["iterations_since_restore"] < 4  # continued from a checkpoint, not from scratch
+
+
+def test_multi_worker_trial_trains_with_ddp_through_ray_train(smoke_study, ray_session):
+    study = smoke_study(*QUICK, "search.num_samples=1", "search.scheduler=fifo", "resources.workers_per_trial=2")
+    outcome = run_study(study)
+    table = pd.read_csv(outcome.results_csv)
+    assert list(table["status"]) == ["completed"] and table["rsum"].iloc[0] > 0
+    kids, _ = children(study)
+    assert len(kids) == 1 and len(MlflowClient(study.tracking.uri).get_metric_history(kids[0].info.run_id, "rsum")) == 2
