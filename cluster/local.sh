@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # A real multi-node Ray cluster on this one machine, for trying cluster/submit.sh and for the tests:
 # a head and WORKERS worker nodes, each its own `ray start --block` process with its own CPU count,
-# ports and temp dir, all on 127.0.0.1, with token authentication on (RAY_AUTH_MODE=token).
+# ports and temp dir, all on this machine, with token authentication on (RAY_AUTH_MODE=token).
 #
 # The head offers no CPUs to tasks by default (HEAD_CPUS=0): trials land on the workers, as on a
 # real cluster whose head only runs the driver. `up` writes $CLUSTER_DIR/cluster.env (the client
@@ -12,7 +12,8 @@ usage() {
   cat >&2 <<'EOF'
 usage: cluster/local.sh up|down|status
   env: WORKERS=2 WORKER_CPUS=1 HEAD_CPUS=0 GCS_PORT=6379 DASHBOARD_PORT=8265 PORT_BASE=23000
-       CLUSTER_DIR=/tmp/itm-cluster-$UID OBJECT_STORE_BYTES=300000000 RAY_AUTH_TOKEN=(generated)
+       CLUSTER_DIR=/tmp/itm-cluster-$UID OBJECT_STORE_BYTES=300000000 START_TIMEOUT=120 DRAIN_SECONDS=5
+       RAY_AUTH_TOKEN=(generated into $CLUSTER_DIR/auth_token)
   then: . $CLUSTER_DIR/cluster.env && cluster/submit.sh studies/smoke.yaml --set ...
 EOF
   exit 2
@@ -23,7 +24,7 @@ WORKER_CPUS=${WORKER_CPUS:-1}
 HEAD_CPUS=${HEAD_CPUS:-0}
 GCS_PORT=${GCS_PORT:-6379}
 DASHBOARD_PORT=${DASHBOARD_PORT:-8265}
-PORT_BASE=${PORT_BASE:-23000}  # node i uses PORT_BASE+10*i .. +6 (+6: the head's Ray Client server) (raylet, object manager, agents, metrics)
+PORT_BASE=${PORT_BASE:-23000}  # node i: PORT_BASE+10*i .. +6 (raylet, object manager, agents, metrics, client)
 CLUSTER_DIR=${CLUSTER_DIR:-/tmp/itm-cluster-$(id -u)}  # short: Ray's unix sockets live below it
 OBJECT_STORE_BYTES=${OBJECT_STORE_BYTES:-300000000}
 STATE="$CLUSTER_DIR/cluster.env"
@@ -40,8 +41,11 @@ alive() { kill -0 "$1" 2>/dev/null; }
 
 # Environment of every node and every client of this cluster: token auth, token read from our file
 # (never ~/.ray/auth_token, which other Ray instances on this machine would pick up).
+# PATH starts with Ray's own bin dir so a job's `python` is the interpreter that runs Ray.
+# A short drain on SIGTERM: nothing here serves traffic that needs to be moved away first.
 NODE_ENV=(env -u RAY_ADDRESS -u RAY_AUTH_TOKEN RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH="$TOKEN_FILE"
-  RAY_USAGE_STATS_ENABLED=0)
+  RAY_USAGE_STATS_ENABLED=0 RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="${DRAIN_SECONDS:-5}"
+  PATH="$(dirname "$RAY_BIN"):$PATH")
 
 node_ports() {  # node index -> the ray start flags for its own ports
   local base=$((PORT_BASE + 10 * $1))
@@ -55,10 +59,9 @@ check_ports() {
   for ((i = 0; i <= WORKERS; i++)); do
     for k in 0 1 2 3 4 5 6; do ports+=($((PORT_BASE + 10 * i + k))); done
   done
-  for p in "${ports[@]}"; do
-    port_in_use "$p" && die "port $p on 127.0.0.1 is in use (another Ray?): set GCS_PORT, DASHBOARD_PORT or PORT_BASE"
+  for i in "${ports[@]}"; do
+    if port_in_use "$i"; then die "port $i is in use (another Ray?): set GCS_PORT, DASHBOARD_PORT or PORT_BASE"; fi
   done
-  return 0
 }
 
 # Start one node as its own session (setsid) so `down` can signal it and its children as a group.
@@ -96,7 +99,9 @@ up() {
   if [ -f "$STATE" ]; then
     # shellcheck disable=SC1090
     NODE_PIDS=""; . "$STATE"
-    for pid in $NODE_PIDS; do alive "$pid" && die "already up ($STATE); run 'cluster/local.sh down' first"; done
+    for pid in $NODE_PIDS; do
+      if alive "$pid"; then die "already up ($STATE); run 'cluster/local.sh down' first"; fi
+    done
     rm -f "$STATE"
   fi
   check_ports

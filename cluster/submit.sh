@@ -20,10 +20,8 @@ case "$1" in -h | --help) usage ;; esac
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"  # the working dir uploaded to the cluster; the study file must be inside it
 export RAY_ADDRESS=${RAY_ADDRESS:-http://127.0.0.1:8265}
-# Pass the token through: a client presents it only when RAY_AUTH_MODE=token.
-if [ -n "${RAY_AUTH_TOKEN:-}${RAY_AUTH_TOKEN_PATH:-}" ]; then
-  export RAY_AUTH_MODE=${RAY_AUTH_MODE:-token}
-fi
+# Pass the token through: a Ray client presents it only when RAY_AUTH_MODE=token.
+if [ -n "${RAY_AUTH_TOKEN:-}${RAY_AUTH_TOKEN_PATH:-}" ]; then export RAY_AUTH_MODE=token; fi
 RAY_BIN=${RAY_BIN:-$(command -v ray || echo "$ROOT/.venv/bin/ray")}
 
 if [ "$1" = resume ]; then
