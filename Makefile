@@ -19,8 +19,11 @@ install: $(STAMP)
 data/synth/train_ims.npy: | $(STAMP)
 	$(BIN)/python -m study data synth --out data/synth
 
+# The main job: one training run (results, then where MLflow is), then a small ablation table.
+# The ablation gets a fresh name each time so `make demo` can be run again.
 demo: $(STAMP) data/synth/train_ims.npy
 	$(BIN)/python -m study train studies/demo.yaml
+	$(BIN)/python -m study ablate studies/ablation-demo.yaml --set name=demo-$(shell date +%Y%m%d-%H%M%S)
 
 test: $(STAMP)
 	RAY_USAGE_STATS_ENABLED=0 $(BIN)/python -m pytest -q tests

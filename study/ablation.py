@@ -78,7 +78,9 @@ def row_study(study, row: Ablation):
 
 def find_study_dir(ref: str, storage_path: str) -> Path:
     """``--from-study``: a study directory, or a study name under the file's ``storage.path``."""
-    from study.engine import RESULTS_FILE  # the engine imports Ray: keep config errors fast
+    from study.engine import (
+        RESULTS_FILE,  # the engine imports Ray: keep config errors fast
+    )
     for candidate in (Path(ref).expanduser(), Path(storage_path) / ref):
         if (candidate / RESULTS_FILE).is_file():
             return candidate.resolve()
@@ -93,7 +95,7 @@ def best_trial_values(study_dir: Path, method: str) -> tuple[dict, dict]:
     if source.method != method:
         raise ConfigError(f"--from-study {study_dir}: that study searched method {source.method!r}, "
                           f"this ablation is of {method!r}")
-    table = pd.read_csv(study_dir / RESULTS_FILE)
+    table = pd.read_csv(study_dir / RESULTS_FILE, dtype={"trial_id": str})  # hex ids like "1e50a3b2" are not numbers
     metric = source.search.metric
     finished = table.dropna(subset=[metric]) if metric in table else table.iloc[0:0]
     completed = finished[finished["status"] == "completed"]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from study.results import _trial_id, trial_status, tune_states
+from study.results import _trial_id
 from study.table_render import to_latex, to_markdown
 from study.tables import METRICS, blocks_of, caption, summarise, tidy
 
@@ -28,19 +28,29 @@ def kept(key: str) -> bool:
 
 def trial_table(grid, jobs: dict[str, dict], epochs: int) -> pd.DataFrame:
     """One row per trial: id, row, seed, the row's method, status and the final-epoch metrics."""
-    states, rows = tune_states(grid), []
+    rows = []
     for result in grid:
         metrics, config = result.metrics or {}, result.config or {}
         trial_id = metrics.get("trial_id") or _trial_id(result.path)
         variant = config.get("variant")
         row = {"trial_id": trial_id, "variant": variant, "seed": config.get("seed"),
                "method": jobs.get(variant, {}).get("method", ""),
-               "status": trial_status(result, states.get(trial_id), epochs),
-               "epochs": metrics.get("training_iteration", 0)}
+               "status": status_of(result, epochs), "epochs": metrics.get("training_iteration", 0)}
         row.update({key: value for key, value in metrics.items() if kept(key)})
         row["error"] = str(result.error).strip().splitlines()[-1][:300] if result.error is not None else ""
         rows.append(row)
-    return pd.DataFrame(rows)
+    table = pd.DataFrame(rows)
+    if "seed" in table:  # a trial that never started has no config: keep the column integer
+        table["seed"] = table["seed"].astype("Int64")
+    return table
+
+
+def status_of(result, epochs: int) -> str:
+    """FIFO grid, no early stopping: anything short of the last epoch without an error was interrupted."""
+    if result.error is not None:
+        return "failed"
+    done = int((result.metrics or {}).get("training_iteration", 0))
+    return "completed" if done >= epochs else "interrupted"
 
 
 def is_finished(trials: pd.DataFrame, expected: int) -> bool:
@@ -67,8 +77,9 @@ def write_tables(trials: pd.DataFrame, meta: dict, out_dir: Path) -> tuple[str, 
     blocks = blocks_of(trials)
     summaries = {block: summarise(trials, order, block) for block in blocks}
     text = caption(meta["method"], meta["dataset"], meta["seeds"], blocks, order, summaries)
-    if meta.get("source"):
-        text += f" Hyperparameters: best trial {meta['source']['trial_id']} of {Path(meta['source']['from_study']).name}."
+    source = meta.get("source")
+    if source:
+        text += f" Hyperparameters: best trial {source['trial_id']} of {Path(source['from_study']).name}."
     markdown = to_markdown(summaries, text)
     files = [out_dir / f"{TABLE_STEM}.{ext}" for ext in ("md", "tex", "csv")]
     files[0].write_text(markdown)

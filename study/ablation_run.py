@@ -15,7 +15,13 @@ import pandas as pd
 import yaml
 
 from study.ablation import AblationPlan, ablation_dir_of, plan_ablation
-from study.ablation_output import is_finished, read_meta, trial_table, write_meta, write_tables
+from study.ablation_output import (
+    is_finished,
+    read_meta,
+    trial_table,
+    write_meta,
+    write_tables,
+)
 from study.ablation_tracking import AblationCallback, log_outputs, start_parent_run
 from study.config import validate
 from study.engine import PARENT_FILE, RESULTS_FILE, STUDY_FILE, quiet_tune_console

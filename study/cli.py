@@ -5,9 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from trainables.errors import ITMError
-
 from study.commands import ablate, data, report, resume, run, train
+from trainables.errors import ITMError
 
 COMMANDS = (data, train, run, resume, ablate, report)
 

@@ -15,13 +15,12 @@ from pathlib import Path
 
 import yaml
 
-from study.preflight import check_data
-from trainables.errors import ConfigError
-
 from study import tracking
 from study.config import validate
+from study.preflight import check_data
 from study.ray_session import connect, job_working_dir
 from study.spaces import Param, resolve_space
+from trainables.errors import ConfigError
 
 STUDY_FILE, SPACE_FILE, PARENT_FILE, RESULTS_FILE = "study.yaml", "space.yaml", "mlflow_parent.json", "results.csv"
 

@@ -47,7 +47,7 @@ def build_report(directory: str | Path, top: int = 10) -> Report:
 def load_trials(run_dir: Path, epochs: int) -> tuple[pd.DataFrame, list[str]]:
     """``results.csv``, or for a driver that was killed before writing it, Tune's trial directories."""
     if (run_dir / RESULTS_FILE).is_file():
-        return pd.read_csv(run_dir / RESULTS_FILE), []
+        return pd.read_csv(run_dir / RESULTS_FILE, dtype={"trial_id": str, "variant": str}), []
     trials = read_trial_dirs(run_dir, epochs)
     if trials.empty:
         raise ConfigError(f"{run_dir}: no {RESULTS_FILE} and no trial directories yet; nothing to report")
@@ -66,7 +66,7 @@ def top_trials(trials: pd.DataFrame, params: list[str], metric: str, mode: str, 
     done = trials.dropna(subset=[metric]) if metric in trials else trials.iloc[0:0]
     ranked = done.sort_values(metric, ascending=mode == "min").head(k)
     shown = [m for m in (metric, *METRICS) if m in ranked]
-    table = ranked[[c for c in ("trial_id", "status", "epochs", *params) if c in ranked]].map(fmt)
+    table = pd.DataFrame({c: ranked[c].map(fmt) for c in ("trial_id", "status", "epochs", *params) if c in ranked})
     for name in dict.fromkeys(shown):
         table[name] = ranked[name].map(lambda v: f"{v:.1f}")
     table.insert(0, "rank", range(1, len(table) + 1))

@@ -78,14 +78,18 @@ def optuna_figures(journal: Path, name: str, metric: str, params: list[str], out
     """Optimisation history, parallel coordinates, metric vs each parameter, importances."""
     figures = Figures(out_dir)
     study = load_optuna_study(journal, name)
-    if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+    complete = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+    if not complete:
         figures.notes.append("No completed trial in the Optuna journal yet: nothing to plot.")
         return figures
+    plots = {"Optimisation history": (ovm.plot_optimization_history, "history.png"),
+             "Parallel coordinates": (ovm.plot_parallel_coordinate, "parallel.png"),
+             f"{metric} vs each searched parameter": (ovm.plot_slice, "slice.png")}
+    if complete < 2:  # one point has no spread to draw: matplotlib would warn about singular axes
+        plots = dict(list(plots.items())[:1])
+        figures.notes.append("Parallel coordinates and per-parameter plots need at least 2 completed trials.")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ExperimentalWarning)  # Optuna marks its matplotlib backend experimental
-        plots = {"Optimisation history": (ovm.plot_optimization_history, "history.png"),
-                 "Parallel coordinates": (ovm.plot_parallel_coordinate, "parallel.png"),
-                 f"{metric} vs each searched parameter": (ovm.plot_slice, "slice.png")}
         for caption, (plot, file) in plots.items():
             figures.files[caption] = save(figure_of(plot(study, target_name=metric)), out_dir / file)
         importances(study, params, figures)

@@ -54,9 +54,9 @@ def log_params(client: MlflowClient, run_id: str, params: dict[str, str]) -> Non
 
 
 def log_epoch(client: MlflowClient, run_id: str, metrics: dict[str, float], step: int) -> None:
-    from mlflow.entities import Metric
-
     import time
+
+    from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
     items = [Metric(k, float(v), now, step) for k, v in metrics.items() if k != "epoch"]

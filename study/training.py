@@ -6,12 +6,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from study import tracking
 from study.preflight import check_data
+from study.ray_session import connect
 from trainables.errors import ITMError
 from trainables.ray_train import WorkerResources, make_trainer
-
-from study import tracking
-from study.ray_session import connect
 
 
 @dataclass

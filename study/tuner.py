@@ -19,11 +19,10 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
 
+from study.spaces import Param, define_by_run, grid
 from trainables.config import JobConfig
 from trainables.loop import fit
 from trainables.ray_train import TuneReporter, WorkerResources, make_trainer
-
-from study.spaces import Param, define_by_run, grid
 
 OPTUNA_JOURNAL = "optuna.journal"
 

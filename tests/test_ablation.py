@@ -85,6 +85,18 @@ def test_blocks_coco_and_validation_fallback(trials):
     assert [b.prefix for b in blocks_of(val)] == [""]
 
 
+def test_coco_gets_a_1k_and_a_5k_block_in_every_format(trials):
+    one_k_trials = constructed_trials({"full": [400.0, 406.0, 403.0], "w/o L_dim": [340.0, 346.0, 343.0],
+                                       "same": [400.0, 406.0, 403.0], "base": [150.0, 230.0, 310.0]}, prefix="test_1k_")
+    coco = trials.merge(one_k_trials.drop(columns="status"), on=["trial_id", "variant", "seed"])
+    summaries = {block: summarise(coco, ROWS, block) for block in blocks_of(coco)}
+    one_k = summaries[Block("1k", "1K test (5-fold average)", "test_1k_")]
+    assert one_k.loc["full", "rsum_mean"] == pytest.approx(coco.loc[coco.variant == "full", "test_1k_rsum"].mean())
+    markdown, tex = to_markdown(summaries, "c"), to_latex(summaries, "c")
+    assert "**1K test (5-fold average)**" in markdown and "**5K test**" in markdown
+    assert tex.count(r"\multicolumn{9}{l}") == 2 and tex.count(r"\begin{table}") == 1
+
+
 def test_markdown_has_rows_in_order_and_the_columns(trials):
     summaries = {TEST: summarise(trials, ROWS, TEST)}
     text = to_markdown(summaries, caption("dias", "synth", [0, 1, 2], [TEST], ROWS, summaries))

@@ -20,7 +20,12 @@ from trainables.data.loader import (
     build_train_loader,
     set_epoch,
 )
-from trainables.data.precomp import PrecompSplit, check_dataset, scan_finite, validate_split
+from trainables.data.precomp import (
+    PrecompSplit,
+    check_dataset,
+    scan_finite,
+    validate_split,
+)
 from trainables.data.synth import write_synth
 from trainables.errors import DataError
 from trainables.text_models import load_tokenizer

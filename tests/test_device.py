@@ -3,9 +3,14 @@ same training step on CPU so the mixed-precision path is exercised without a GPU
 
 import torch
 
-from trainables.device import autocast, autocast_dtype, choose_device, distributed_backend
-from trainables.loop import TrainStep
 from tests.test_methods import IMAGE_DIM, job_for, random_batch
+from trainables.device import (
+    autocast,
+    autocast_dtype,
+    choose_device,
+    distributed_backend,
+)
+from trainables.loop import TrainStep
 from trainables.methods import METHODS, build_model
 
 

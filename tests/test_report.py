@@ -111,6 +111,7 @@ def test_report_of_a_finished_tpe_study(smoke_study, ray_session, capsys):
 
     study = smoke_study("data.max_images=150", "train.epochs=1", "search.num_samples=3", "search.scheduler=fifo")
     outcome = run_study(study)
+    capsys.readouterr()  # only the report's own output below
     assert main(["report", str(outcome.study_dir), "--top", "2"]) == 0
     out = outcome.study_dir / "report"
     for name in ("history.png", "parallel.png", "slice.png", "importances.png"):

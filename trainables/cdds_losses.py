@@ -16,7 +16,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-
 # ---------------------------------------------------------------------------------------------
 # Empirical quantiles (CDDS 3: "sort-based, differentiable through the gathered values")
 # ---------------------------------------------------------------------------------------------

@@ -20,7 +20,12 @@ import numpy as np
 import torch
 
 from trainables.config import JobConfig
-from trainables.data import PrecompSplit, build_eval_loaders, build_train_loader, set_epoch
+from trainables.data import (
+    PrecompSplit,
+    build_eval_loaders,
+    build_train_loader,
+    set_epoch,
+)
 from trainables.device import autocast, choose_device
 from trainables.errors import NonFiniteLossError
 from trainables.evaluation import evaluate

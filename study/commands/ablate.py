@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from study.ablation import seeds_override
+from study.commands import add_address, add_overrides
 from study.config import load_study
 from trainables.errors import ConfigError
 
@@ -14,16 +15,18 @@ def add_parser(sub) -> None:
                         help="fix the hyperparameters at the best trial of this earlier study "
                              "(a study directory, or a study name under storage.path)")
     parser.add_argument("--seeds", default=None, metavar="0,1,2", help="seeds per row (overrides ablation.seeds)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a study-file value, e.g. --set train.epochs=2 (repeatable)")
+    add_overrides(parser)
     parser.add_argument("--resume", action="store_true",
                         help="continue this study's interrupted ablation (its stored rows, seeds and values)")
-    parser.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS or local)")
+    add_address(parser)
     parser.set_defaults(run=run)
 
 
 def run(args) -> int:
-    from study.ablation_run import resume_ablation, run_ablation  # imports Ray: keep --help and errors fast
+    from study.ablation_run import (  # imports Ray: keep --help and errors fast
+        resume_ablation,
+        run_ablation,
+    )
 
     if args.resume and args.from_study:
         raise ConfigError("--resume continues with the values the ablation started with; drop --from-study")

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from study.commands import add_address
 from study.commands.run import report
 
 
 def add_parser(sub) -> None:
     parser = sub.add_parser("resume", help="continue an interrupted study")
     parser.add_argument("study_dir", help="the study directory (storage.path/NAME)")
-    parser.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS or local)")
+    add_address(parser)
     parser.set_defaults(run=run)
 
 

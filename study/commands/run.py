@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
+from study.commands import add_address, add_overrides
 from study.config import load_study
 
 
 def add_parser(sub) -> None:
     parser = sub.add_parser("run", help="run the study's hyperparameter search")
     parser.add_argument("study", help="study YAML file")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a study-file value, e.g. --set search.num_samples=8 (repeatable)")
-    parser.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS or local)")
+    add_overrides(parser)
+    add_address(parser)
     parser.set_defaults(run=run)
 
 
@@ -19,6 +19,16 @@ def run(args) -> int:
 
     study = load_study(args.study, args.overrides)
     return report(run_study(study, address=args.address), study)
+
+
+def write_report(study_dir) -> str:
+    """The study report (tables, Optuna plots, one HTML page); a failure here never hides results."""
+    from study.report import build_report
+
+    try:
+        return str(build_report(study_dir).out_dir / "index.html")
+    except Exception as err:  # noqa: BLE001 — the study itself succeeded; say why the report did not
+        return f"not written ({type(err).__name__}: {err}); retry with `python -m study report {study_dir}`"
 
 
 def report(outcome, study) -> int:
@@ -32,6 +42,7 @@ def report(outcome, study) -> int:
             if "." in key and value == value:  # NaN = a conditional parameter this trial did not use
                 print(f"  {key} = {value}")
     print(f"results : {outcome.results_csv}")
+    print(f"report  : {write_report(outcome.study_dir)}")
     print(f"study   : {outcome.study_dir}   (resume: python -m study resume {outcome.study_dir})")
     print(f"MLflow  : mlflow ui --backend-store-uri {study.tracking.uri}")
     if outcome.interrupted:

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
+from study.commands import add_address, add_overrides
 from study.config import load_study
 from study.output import print_metrics
 
@@ -11,16 +10,17 @@ from study.output import print_metrics
 def add_parser(sub) -> None:
     parser = sub.add_parser("train", help="one training run of the study's method on Ray Train")
     parser.add_argument("study", help="study YAML file")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a study-file value, e.g. --set train.epochs=2 (repeatable)")
+    add_overrides(parser)
     parser.add_argument("--resume", action="store_true",
                         help="continue the newest interrupted run of this study from its last checkpoint")
-    parser.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS or local)")
+    add_address(parser)
     parser.set_defaults(run=run)
 
 
 def run(args) -> int:
-    from study.training import run_training  # imports Ray: keep `--help` and config errors fast
+    from study.training import (
+        run_training,  # imports Ray: keep `--help` and config errors fast
+    )
 
     study = load_study(args.study, args.overrides)
     result = run_training(study, address=args.address, resume=args.resume)
