@@ -5,7 +5,7 @@
 #
 # The head offers no CPUs to tasks by default (HEAD_CPUS=0): trials land on the workers, as on a
 # real cluster whose head only runs the driver. `up` writes $CLUSTER_DIR/cluster.env (the client
-# settings and the node pids); `down` stops exactly those processes.
+# settings and the node pids); `down` stops exactly those processes. Linux (setsid, ps -o sid).
 set -euo pipefail
 
 usage() {
