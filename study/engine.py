@@ -91,11 +91,16 @@ def start_parent_run(study, params: dict[str, Param], study_dir: Path) -> str:
     return run.info.run_id
 
 
-def prepare(study, params: dict[str, Param]) -> tuple[Path, str]:
+def new_study_dir(study) -> Path:
     study_dir = study_dir_of(study)
     if (study_dir / PARENT_FILE).exists():
         raise ConfigError(f"study {study.name!r} already exists at {study_dir}: continue it with "
                           f"`python -m study resume {study_dir}` or choose another name")
+    return study_dir
+
+
+def prepare(study, params: dict[str, Param]) -> tuple[Path, str]:
+    study_dir = new_study_dir(study)
     study_dir.mkdir(parents=True, exist_ok=True)
     (study_dir / STUDY_FILE).write_text(yaml.safe_dump(study.model_dump(mode="json"), sort_keys=False))
     (study_dir / SPACE_FILE).write_text(yaml.safe_dump(
@@ -110,8 +115,9 @@ def run_study(study, address: str | None = None) -> StudyOutcome:
     """Validate everything, then search. Errors before this point leave nothing half-written."""
     params = resolve_space(study)
     check_data(study.data)
+    new_study_dir(study)
+    connect(address)  # a bad address or token fails here, before anything is written
     study_dir, parent = prepare(study, params)
-    connect(address)
     tuner = make_tuner(study, params, study_dir, parent)
     return finish(study, params, study_dir, parent, tuner.fit())
 
