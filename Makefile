@@ -33,3 +33,8 @@ test-fast: $(STAMP)
 
 clean:
 	rm -rf $(VENV) data results mlruns.db
+
+# The quick benchmark subset (a few minutes): writes benchmarks/results.md. See benchmarks/README.md.
+bench: $(STAMP)
+	RAY_USAGE_STATS_ENABLED=0 RAY_AUTH_MODE=disabled $(BIN)/python -m benchmarks.quick
+.PHONY: bench

@@ -2,6 +2,13 @@
 
     python -m benchmarks.eval_speed                 # 5,000 x 25,000 (COCO 5K), from the repo root
     python -m benchmarks.eval_speed --images 1000   # quick check (COCO 1K fold size)
+    python -m benchmarks.eval_speed --full-eval     # + encode/similarity/metrics of a 5K synth split
+
+The machine's memory bandwidth is measured too: a large ``np.copyto`` (read + write, counted as
+2 x bytes) and one read pass ``sims.sum()`` over the float32 matrix; ``retrieval_metrics`` is then
+expressed as a number of such read passes over its input. ``--full-eval`` writes a synthetic split of
+``--images`` test images to a temp dir and times the whole evaluation with the tiny (random) text
+encoder: encoding both modalities, the chunked similarity matrix and the metrics.
 
 The reference is written the way the reference evaluators (VSE++/SCAN/VSE-infinity ``i2t``/``t2i``)
 are: one ``np.argsort(...)[::-1]`` per query, then the position of the ground truth. The matrix is
@@ -14,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -26,6 +34,10 @@ from trainables.evaluation import (
     retrieval_metrics,
     rows_per_chunk,
 )
+
+from benchmarks._common import command, record
+
+COPY_BYTES = 512 * 2**20  # large enough to defeat every cache level
 
 
 def reference_ranks(sims: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -65,6 +77,38 @@ def best_time(repeats: int, fn, *args, **kwargs):
     return runs[0][0], min(t for _, t in runs)
 
 
+def memory_bandwidth(n_bytes: int = COPY_BYTES, repeats: int = 3) -> tuple[float, float]:
+    """``(copy, read)`` GB/s on ``n_bytes`` float32 arrays: ``np.copyto`` (bytes read + bytes
+    written) and one ``torch.sum`` read pass (torch's threads, as ``retrieval_metrics`` uses)."""
+    src = np.ones(n_bytes // 4, dtype=np.float32)
+    dst = np.empty_like(src)
+    _, t_copy = best_time(repeats, np.copyto, dst, src)
+    _, t_read = best_time(repeats, torch.sum, torch.from_numpy(src))
+    return 2 * n_bytes / t_copy / 1e9, n_bytes / t_read / 1e9
+
+
+def full_evaluation(n_images: int, k: int, repeats: int) -> dict[str, float]:
+    """Seconds of each evaluation stage on a synthetic split of ``n_images`` with the tiny encoder."""
+    from trainables.config import DataConfig, JobConfig, ModelConfig
+    from trainables.data import PrecompSplit, build_eval_loaders, write_synth
+    from trainables.evaluation import chunked_similarity, encode_split, evaluate_similarity
+    from trainables.methods import build_model
+    from trainables.text_models import load_tokenizer
+
+    with tempfile.TemporaryDirectory(prefix="itm-eval-") as root:
+        write_synth(root, images=2 * n_images)  # the test split is images // 2
+        split = PrecompSplit(root, "test")
+        assert split.captions_per_image == k, f"synthetic data has {split.captions_per_image} captions/image"
+        job = JobConfig(model=ModelConfig(text_encoder="tiny"))
+        torch.manual_seed(0)
+        model = build_model(job, split.feature_dim)
+        loaders = build_eval_loaders(DataConfig(root=root), split, load_tokenizer("tiny"), 256)
+        (img, txt), t_encode = best_time(repeats, encode_split, model, *loaders, "cpu")
+        sims, t_sims = best_time(repeats, chunked_similarity, img, txt, score_fn=model.similarity)
+        _, t_metrics = best_time(repeats, evaluate_similarity, sims, k)
+    return {"encode": t_encode, "similarity": t_sims, "metrics": t_metrics}
+
+
 def print_metrics(title: str, metrics: dict[str, float]) -> None:
     keys = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum", "i2t_medr", "t2i_medr")
     print(f"{title:>10}: " + "  ".join(f"{key}={metrics[key]:.2f}" for key in keys))
@@ -79,6 +123,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads (the numpy loop uses one; default: torch's)")
+    parser.add_argument("--full-eval", action="store_true",
+                        help="also time encode + similarity + metrics on a synthetic split of --images")
+    parser.add_argument("--record", default=None, help="append the figures (JSON lines) to this file")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -111,6 +158,26 @@ def main(argv: list[str] | None = None) -> int:
     print(f"speed-up vs loop: {t_ref / t_ours64:.0f}x (float64), {t_ref / t_ours32:.0f}x (float32); "
           f"retrieval_metrics = {t_ours32 / t_pass32:.0f} memory passes (float32)")
     print("identical ranks and metrics: yes")
+
+    copy_bw, read_bw = memory_bandwidth()
+    matrix_bytes = sims32.numel() * 4
+    passes = t_ours32 / (matrix_bytes / (read_bw * 1e9))
+    print(f"memory bandwidth (512 MiB): np.copyto {copy_bw:.1f} GB/s (read+write), torch.sum {read_bw:.1f} GB/s "
+          f"(read); sims.sum on the {matrix_bytes / 2**20:.0f} MiB float32 matrix {matrix_bytes / t_pass32 / 1e9:.1f} GB/s")
+    cmd = command("benchmarks.eval_speed", argv)
+    record(args.record, f"`retrieval_metrics` vs per-query argsort loop ({n:,} x {n * k:,})",
+           f"{t_ref / t_ours64:.1f}x faster (float64: {t_ours64:.2f} s vs {t_ref:.1f} s), identical numbers", cmd)
+    record(args.record, "memory bandwidth (512 MiB float32: np.copyto read+write; torch.sum read)",
+           f"{copy_bw:.1f} GB/s copy, {read_bw:.1f} GB/s read", cmd)
+    record(args.record, f"`retrieval_metrics` float32 {n:,} x {n * k:,} ({matrix_bytes / 2**20:.0f} MiB) "
+           "in read passes at that bandwidth", f"{t_ours32:.3f} s = {passes:.0f} passes", cmd)
+    if args.full_eval:
+        stages = full_evaluation(n, k, args.repeats)
+        total = sum(stages.values())
+        print("full evaluation (tiny encoder): " + ", ".join(f"{name} {t:.2f} s" for name, t in stages.items()))
+        record(args.record, f"full evaluation of a {n:,}-image split, tiny encoder (encode / similarity / metrics)",
+               f"{total:.1f} s ({stages['encode']:.1f} / {stages['similarity']:.2f} / {stages['metrics']:.2f} s)",
+               cmd)
     return 0
 
 

@@ -8,7 +8,6 @@ builds a ``TorchTrainer`` named by the trial id and forwards its reports with Ra
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import optuna
@@ -22,7 +21,7 @@ from ray.tune.search.optuna import OptunaSearch
 from study.spaces import Param, define_by_run, grid
 from trainables.config import JobConfig
 from trainables.loop import fit
-from trainables.ray_train import TuneReporter, WorkerResources, make_trainer
+from trainables.ray_train import TuneReporter, WorkerResources, make_trainer, quiet_ray_logs
 
 OPTUNA_JOURNAL = "optuna.journal"
 
@@ -40,8 +39,7 @@ def apply_to_job(job: dict, params: dict[str, Any]) -> JobConfig:
 
 def run_trial(config: dict, base_job: dict, resources: WorkerResources, storage_path: str) -> None:
     """The Tune function trainable: ``config`` holds the sampled ``section.key`` values."""
-    for name in ("ray.tune", "ray.train"):  # one line per checkpoint is noise in the study's console
-        logging.getLogger(name).setLevel(logging.WARNING)
+    quiet_ray_logs()  # one line per checkpoint is noise in the study's console
     job = apply_to_job(base_job, config)
     if resources.num_workers == 1:
         fit(job, TuneReporter())

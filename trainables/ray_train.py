@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import ray.train
@@ -24,6 +25,12 @@ class WorkerResources:
     num_workers: int = 1
     cpus_per_worker: float = 1
     gpus_per_worker: float = 0
+
+
+def quiet_ray_logs() -> None:
+    """Ray Train logs every report and checkpoint at INFO; the CLI prints its own summary."""
+    for name in ("ray.train", "ray.tune"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def node_id() -> str:
@@ -65,6 +72,7 @@ class TuneReporter:
 
 def train_loop_per_worker(config: dict) -> list[dict[str, float]]:
     """Runs in every worker; rank 0's return value (the metric history) becomes ``Result.return_value``."""
+    quiet_ray_logs()
     return fit(JobConfig(**config["job"]), RayTrainReporter())
 
 

@@ -1,0 +1,129 @@
+"""What Ray costs: a Ray Train worker's steady-state epoch vs plain ``fit``, and a trial's start-up.
+
+    python -m benchmarks.ray_overhead                     # both parts (~2 min on 2 cores)
+    python -m benchmarks.ray_overhead --skip-startup      # only the steady-state ratio
+
+1. Steady state. The job of ``studies/smoke.yaml`` (tiny encoder, d 64, batch 32) on a synthetic
+   benchmark of ``--images`` train images (written to a temp dir) runs ``--epochs`` epochs twice:
+   ``fit(job, LocalReporter)`` in this process with one torch thread (what a 1-CPU Ray worker gets
+   through ``OMP_NUM_THREADS``), then the same job through ``make_trainer`` with one Ray Train
+   worker. The figure is median ``epoch_time_s`` (training only, no evaluation) over epochs >= 2,
+   Ray / plain (target <= 1.05).
+2. Start-up. ``run_study`` on the same study with one trial, FIFO, ``--startup-epochs`` epochs, once
+   with ``resources.workers_per_trial=1`` (``fit`` runs inside the Tune trial) and once with 2
+   (the trial builds a ``TorchTrainer`` with two DDP workers). From the trial's ``result.json``:
+   start-up = first epoch's ``time_this_iter_s`` minus the median of the later ones (the last epoch,
+   which also evaluates the test split, is left out).
+
+Ray runs locally on 2 CPUs with its session files in a temp dir and is shut down at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+from benchmarks._common import command, local_ray, quiet_env, record, smoke_study, synth_dataset
+
+
+def plain_epoch_times(job, out_dir: Path) -> list[float]:
+    """``epoch_time_s`` of every epoch of ``fit`` in this process, one torch thread."""
+    import torch
+
+    from trainables.loop import fit
+    from trainables.reporters import LocalReporter
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        history = fit(job, LocalReporter(out_dir))
+    finally:
+        torch.set_num_threads(threads)
+    return [h["epoch_time_s"] for h in history]
+
+
+def ray_train_epoch_times(job, storage: Path) -> list[float]:
+    """``epoch_time_s`` of every epoch of the same job on one Ray Train worker (1 CPU)."""
+    from trainables.ray_train import WorkerResources, make_trainer
+
+    result = make_trainer(job, WorkerResources(num_workers=1), name="bench-ray-overhead",
+                          storage_path=str(storage)).fit()
+    if result.error is not None:
+        raise result.error
+    history = getattr(result, "return_value", None)
+    if history:
+        return [h["epoch_time_s"] for h in history]
+    return list(result.metrics_dataframe["epoch_time_s"])
+
+
+def steady(times: list[float]) -> float:
+    """Median of epochs >= 2 (the first pays for allocator and cache warm-up)."""
+    return statistics.median(times[1:])
+
+
+def trial_iteration_times(study_dir: Path) -> list[float]:
+    """``time_this_iter_s`` of each reported epoch of the study's single trial."""
+    files = sorted(study_dir.glob("trial_*/result.json"))
+    if len(files) != 1:
+        raise RuntimeError(f"expected one trial result.json under {study_dir}, found {len(files)}")
+    rows = [json.loads(line) for line in files[0].read_text().splitlines() if line.strip()]
+    return [row["time_this_iter_s"] for row in sorted(rows, key=lambda r: r["training_iteration"])]
+
+
+def trial_startup(workers: int, data_root: Path, tmp: Path, epochs: int) -> tuple[float, list[float]]:
+    """(start-up seconds, per-epoch seconds) of one ``run_study`` trial with ``workers`` per trial."""
+    from study.engine import run_study
+
+    study = smoke_study([f"name=bench-startup-w{workers}", f"data.root={data_root}", f"train.epochs={epochs}",
+                         "search.num_samples=1", "search.scheduler=fifo", "search.max_failures=0",
+                         f"resources.workers_per_trial={workers}", f"storage.path={tmp / 'results'}",
+                         f"tracking.uri=sqlite:///{tmp / 'mlruns.db'}"])
+    outcome = run_study(study)
+    times = trial_iteration_times(outcome.study_dir)
+    later = times[1:-1] or times[1:]
+    return times[0] - statistics.median(later), times
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=300, help="synthetic train images (smoke.yaml uses 300)")
+    parser.add_argument("--epochs", type=int, default=5, help="epochs of the steady-state comparison")
+    parser.add_argument("--startup-epochs", type=int, default=4, help="epochs of each start-up trial")
+    parser.add_argument("--skip-startup", action="store_true", help="only the steady-state comparison")
+    parser.add_argument("--skip-steady", action="store_true", help="only the trial start-up comparison")
+    parser.add_argument("--record", default=None, help="append the figures (JSON lines) to this file")
+    args = parser.parse_args(argv)
+    quiet_env()
+    cmd = command("benchmarks.ray_overhead", argv)
+
+    with tempfile.TemporaryDirectory(prefix="itm-ray-overhead-") as tmp_name:
+        tmp = Path(tmp_name)
+        data_root = synth_dataset(tmp / "synth", args.images)
+        job = smoke_study([f"data.root={data_root}", f"train.epochs={args.epochs}"]).job()
+        with local_ray():
+            if not args.skip_steady:
+                plain = plain_epoch_times(job, tmp / "plain")
+                on_ray = ray_train_epoch_times(job, tmp / "ray")
+                print("plain epoch_time_s:    " + " ".join(f"{t:.2f}" for t in plain))
+                print("Ray Train epoch_time_s: " + " ".join(f"{t:.2f}" for t in on_ray))
+                ratio = steady(on_ray) / steady(plain)
+                record(args.record, "Ray Train worker (1) / plain `fit`: steady-state epoch time (epochs >= 2)",
+                       f"{ratio:.3f} ({steady(on_ray):.2f} s vs {steady(plain):.2f} s; target <= 1.05)", cmd)
+            if not args.skip_startup:
+                startups = {}
+                for workers in (1, 2):
+                    startups[workers], times = trial_startup(workers, data_root, tmp, args.startup_epochs)
+                    print(f"workers_per_trial={workers}: time_this_iter_s " + " ".join(f"{t:.2f}" for t in times)
+                          + f" -> start-up {startups[workers]:.1f} s")
+                record(args.record, "trial start-up before the first epoch: plain Tune trial vs Tune + Ray Train "
+                       "(2 DDP workers)", f"{startups[1]:.1f} s vs {startups[2]:.1f} s "
+                       f"(+{startups[2] - startups[1]:.1f} s for Ray Train)", cmd)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
