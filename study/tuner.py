@@ -52,10 +52,11 @@ def run_trial(config: dict, base_job: dict, resources: WorkerResources, storage_
         raise result.error
 
 
-def trainable(study, base_job: dict, storage_path: str):
+def with_trial_resources(study, fn, **parameters):
+    """``fn`` as a Tune trainable holding the study's resources (``parameters`` go to every trial)."""
     r = study.resources
     resources = WorkerResources(r.workers_per_trial, r.cpus_per_worker, r.gpus)
-    fn = ray.tune.with_parameters(run_trial, base_job=base_job, resources=resources, storage_path=storage_path)
+    fn = ray.tune.with_parameters(fn, resources=resources, storage_path=study.storage.path, **parameters)
     if resources.num_workers == 1:
         request = {"CPU": r.cpus_per_worker, "GPU": r.gpus}
     else:
@@ -63,6 +64,10 @@ def trainable(study, base_job: dict, storage_path: str):
         # request, so the driver asks for a sliver of memory instead of a CPU a worker needs.
         request = {"CPU": 0, "memory": 64 * 2**20}
     return ray.tune.with_resources(fn, request)
+
+
+def trainable(study, base_job: dict):
+    return with_trial_resources(study, run_trial, base_job=base_job)
 
 
 def searcher(study, params: dict[str, Param], journal_path: str):
@@ -94,7 +99,7 @@ def build_tuner(study, params: dict[str, Param], base_job: dict, journal_path: s
     param_space = {name: ray.tune.grid_search(values) for name, values in grid(params).items()} \
         if search_alg is None else None
     return ray.tune.Tuner(
-        trainable(study, base_job, study.storage.path),
+        trainable(study, base_job),
         param_space=param_space,
         tune_config=ray.tune.TuneConfig(
             metric=s.metric, mode=s.mode, search_alg=search_alg, scheduler=scheduler(study),
@@ -113,7 +118,7 @@ def build_tuner(study, params: dict[str, Param], base_job: dict, journal_path: s
 
 
 def restore_tuner(study_dir: str, study, base_job: dict) -> ray.tune.Tuner:
-    return ray.tune.Tuner.restore(study_dir, trainable=trainable(study, base_job, study.storage.path),
+    return ray.tune.Tuner.restore(study_dir, trainable=trainable(study, base_job),
                                   resume_unfinished=True, resume_errored=False)
 
 
@@ -128,13 +133,7 @@ def run_ablation_trial(config: dict, jobs: dict[str, dict], resources: WorkerRes
 
 
 def ablation_trainable(study, jobs: dict[str, dict]):
-    r = study.resources
-    resources = WorkerResources(r.workers_per_trial, r.cpus_per_worker, r.gpus)
-    fn = ray.tune.with_parameters(run_ablation_trial, jobs=jobs, resources=resources,
-                                  storage_path=study.storage.path)
-    # As in ``trainable``: a multi-worker trial only drives; its Train workers request their own resources.
-    request = {"CPU": r.cpus_per_worker, "GPU": r.gpus} if resources.num_workers == 1 else {"CPU": 0}
-    return ray.tune.with_resources(fn, request)
+    return with_trial_resources(study, run_ablation_trial, jobs=jobs)
 
 
 def build_ablation_tuner(study, name: str, jobs: dict[str, dict], seeds: list[int], callbacks: list) -> ray.tune.Tuner:
