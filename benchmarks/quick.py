@@ -32,7 +32,8 @@ QUICK = {
 
 def run_script(name: str, args: list[str], record_path: str) -> bool:
     print(f"\n=== python -m benchmarks.{name} {' '.join(args)}", flush=True)
-    done = subprocess.run([sys.executable, "-m", f"benchmarks.{name}", *args, "--record", record_path], cwd=ROOT)
+    done = subprocess.run([sys.executable, "-m", f"benchmarks.{name}", *args, "--record", record_path], cwd=ROOT,
+                          check=False)
     return done.returncode == 0
 
 
@@ -48,10 +49,10 @@ def load() -> str:
 
 
 def render(figures: list[dict], failed: list[str], loads: tuple[str, str]) -> str:
-    lines = ["# Benchmark results", "",
-             f"Written by `make bench` (`python -m benchmarks.quick`) on "
-             f"{datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}; {machine()}; "
-             f"load average (1/5/15 min) {loads[0]} before, {loads[1]} after.", "",
+    written = (f"Written by `make bench` (`python -m benchmarks.quick`) on "
+               f"{datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}; {machine()}; "
+               f"load average (1/5/15 min) {loads[0]} before, {loads[1]} after.")
+    lines = ["# Benchmark results", "", written, "",
              "Each figure is measured in one run of the command beside it (from the repository root).", "",
              "| what | figure | command |", "|---|---|---|"]
     lines += [f"| {f['what']} | {f['figure']} | `{f['command']}` |" for f in figures]
