@@ -44,11 +44,10 @@ def expected_trials(study, params: dict[str, Param]) -> int:
     return prod(len(values) for values in grid(params).values())
 
 
-def study_dir_of(study) -> Path:
-    """``storage.path/NAME``. On a cluster every node writes trial checkpoints there and the driver
-    writes its sidecar files (Optuna journal, results.csv) with plain file I/O, so the path must be
-    a directory all nodes see: a local dir on one machine, an NFS/shared mount on a cluster."""
-    path = study.storage.path
+def check_storage(path: str) -> None:
+    """On a cluster every node writes checkpoints under ``storage.path`` and the driver writes its
+    sidecar files (Optuna journal, results.csv) with plain file I/O, so the path must be a directory
+    all nodes see: a local dir on one machine, an NFS/shared mount on a cluster."""
     if "://" in path:
         raise ConfigError(f"storage.path {path!r}: the study engine writes its Optuna journal and results.csv "
                           "beside Tune's state with plain file I/O, so it needs a directory (local on one machine, "
@@ -58,7 +57,12 @@ def study_dir_of(study) -> Path:
         raise ConfigError(f"storage.path {str(Path(path).relative_to(job_dir))!r} resolves inside the Ray job's "
                           f"working_dir copy ({job_dir}), which is per node and temporary: give an "
                           "absolute path all nodes share, e.g. --set storage.path=/mnt/shared/results")
-    return Path(path) / study.name
+
+
+def study_dir_of(study) -> Path:
+    """``storage.path/NAME``, after checking that every node can reach it."""
+    check_storage(study.storage.path)
+    return Path(study.storage.path) / study.name
 
 
 def git_commit() -> str:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from study import tracking
+from study.engine import check_storage
 from study.preflight import check_data
 from study.ray_session import connect
 from trainables.errors import ITMError
@@ -40,6 +41,8 @@ def run_name(study, resume: bool) -> str:
 def run_training(study, address: str | None = None, resume: bool = False) -> TrainingResult:
     """Validate the data, train on Ray Train (or continue the newest run with ``resume``), log."""
     check_data(study.data)  # bad data fails here, before any worker starts
+    if "://" not in study.storage.path:  # Ray Train itself can write to s3:// and the like
+        check_storage(study.storage.path)
     name = run_name(study, resume)
     connect(address)
     trainer = make_trainer(study.job(), resources_of(study), name=name, storage_path=study.storage.path)
