@@ -35,8 +35,7 @@ class AblationCallback(MlflowStudyCallback):
             return super().on_trial_start(iteration, trials, trial, **info)
         variant, seed = trial.config["variant"], int(trial.config["seed"])
         number = self.numbers.setdefault(trial.trial_id, len(self.numbers))
-        _, experiment_id = tracking.client_for(self.uri, self.experiment)
-        run = self.client.create_run(experiment_id, run_name=f"{variant} seed={seed}", tags={
+        run = self.client.create_run(self.experiment_id, run_name=f"{variant} seed={seed}", tags={
             "mlflow.parentRunId": self.parent_run_id, "study": self.study_name, "kind": "ablation-trial",
             "method": self.row_methods[variant], "variant": variant, "seed": str(seed),
             "trial_id": trial.trial_id, "trial_number": str(number), "status": "running"})

@@ -45,17 +45,24 @@ class MlflowStudyCallback(Callback):
         self.runs: dict[str, str] = {}  # trial id -> MLflow run id (experiment state: survives resume)
         self.numbers: dict[str, int] = {}
         self.last_epoch: dict[str, int] = {}
-        self._client = None
+        self._client = self._experiment_id = None
 
     @property
     def client(self):
         if self._client is None:
-            self._client, _ = tracking.client_for(self.uri, self.experiment)
+            self._client, self._experiment_id = tracking.client_for(self.uri, self.experiment)
         return self._client
+
+    @property
+    def experiment_id(self) -> str:
+        if self._experiment_id is None:
+            self._client = None  # reopening the client also looks the experiment up
+            _ = self.client
+        return self._experiment_id
 
     def __getstate__(self):
         state = dict(self.__dict__)
-        state["_client"] = None  # not picklable; reopened lazily
+        state["_client"] = state["_experiment_id"] = None  # not picklable; reopened lazily
         return state
 
     def get_state(self) -> dict:
@@ -70,10 +77,9 @@ class MlflowStudyCallback(Callback):
             self.client.set_tag(self.runs[trial.trial_id], "status", "running")
             return
         number = self.numbers.setdefault(trial.trial_id, len(self.numbers))
-        searched = {k: v for k, v in trial.config.items()}
+        searched = trial.config
         label = " ".join(f"{k.split('.')[-1]}={short(v)}" for k, v in searched.items())
-        _, experiment_id = tracking.client_for(self.uri, self.experiment)
-        run = self.client.create_run(experiment_id, run_name=f"{self.method}-{number:03d} {label}".strip(), tags={
+        run = self.client.create_run(self.experiment_id, run_name=f"{self.method}-{number:03d} {label}".strip(), tags={
             "mlflow.parentRunId": self.parent_run_id, "study": self.study_name, "method": self.method,
             "trial_id": trial.trial_id, "trial_number": str(number), "status": "running"})
         self.runs[trial.trial_id] = run.info.run_id

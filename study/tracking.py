@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from pathlib import Path
 
 os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
@@ -11,6 +12,7 @@ logging.getLogger("mlflow").setLevel(logging.WARNING)
 logging.getLogger("alembic").setLevel(logging.WARNING)
 
 import mlflow  # noqa: E402
+from mlflow.entities import Metric, Param  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 MAX_PARAM_LEN = 6000
@@ -46,18 +48,12 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, str]:
 
 
 def log_params(client: MlflowClient, run_id: str, params: dict[str, str]) -> None:
-    from mlflow.entities import Param
-
     items = [Param(k, v) for k, v in params.items()]
     for start in range(0, len(items), 100):  # MLflow caps one batch at 100 params
         client.log_batch(run_id, params=items[start:start + 100])
 
 
 def log_epoch(client: MlflowClient, run_id: str, metrics: dict[str, float], step: int) -> None:
-    import time
-
-    from mlflow.entities import Metric
-
     now = int(time.time() * 1000)
     items = [Metric(k, float(v), now, step) for k, v in metrics.items() if k != "epoch"]
     for start in range(0, len(items), 500):
