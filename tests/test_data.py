@@ -21,6 +21,7 @@ from trainables.data.loader import (
     set_epoch,
 )
 from trainables.data.precomp import (
+    CaptionLines,
     PrecompSplit,
     check_dataset,
     scan_finite,
@@ -93,9 +94,41 @@ def test_dev_is_cut_to_1000_and_max_images_cuts_any_split(tmp_path):
     assert (dev.n_images, dev.captions_per_image, dev.n_captions, dev.images.shape[0]) == (1000, 2, 2000, 1000)
     assert PrecompSplit(tmp_path, "test").n_images == 1100
     cut = PrecompSplit(tmp_path, "test", max_images=7)
-    assert cut.n_images == 7 and cut.captions == caps[:14] and isinstance(cut.images, np.memmap)
+    assert cut.n_images == 7 and list(cut.captions) == caps[:14] and isinstance(cut.images, np.memmap)
     assert PrecompSplit(tmp_path, "dev", max_images=5000).n_images == 1000
     assert validate_split(tmp_path, "dev")["used_images"] == 1000
+
+
+@pytest.mark.parametrize("text", [
+    "a dog\nthe cat\n",
+    "no final newline\nlast",
+    "a\n\n  \nb\n\n",  # blank lines are kept (and caught later by check_nonempty)
+    "crlf line\r\n  spaced  \r\n",
+    "caf\u00e9 \u00fcber \u65e5\u672c\u8a9e\n\u00e9\u00e9\u00e9\u00e9\n",  # multi-byte characters
+    "\n",
+    "",
+])
+@pytest.mark.parametrize("chunk_bytes", [1, 3, 64])
+def test_caption_lines_match_read_lines(tmp_path, text, chunk_bytes):
+    from trainables.data.precomp import read_lines
+
+    path = tmp_path / "caps.txt"
+    path.write_bytes(text.encode("utf-8"))
+    lines = CaptionLines(path, chunk_bytes=chunk_bytes)  # tiny chunks split multi-byte characters
+    assert list(lines) == read_lines(path)
+    assert len(lines) == len(read_lines(path))
+    if len(lines) >= 2:
+        assert list(lines[1:]) == read_lines(path)[1:] and lines[-1] == read_lines(path)[-1]
+        clone = pickle.loads(pickle.dumps(lines[1:]))
+        assert list(clone) == read_lines(path)[1:]
+        assert len(pickle.dumps(lines)) < 1000 + 16 * len(lines)  # offsets, not the text or the map
+
+
+def test_caption_lines_reject_bad_utf8_with_the_byte_offset(tmp_path):
+    path = tmp_path / "caps.txt"
+    path.write_bytes(b"fine\nbad \xff here\n")
+    with pytest.raises(DataError, match=r"caps\.txt is not valid UTF-8 \(byte 9\)"):
+        CaptionLines(path, chunk_bytes=4)
 
 
 def test_testall_folds_cover_5k_in_five_1k_folds(tmp_path):

@@ -26,6 +26,9 @@ from trainables.evaluation import (
 )
 
 DIRECTIONS = ("i2t", "t2i")
+# Both rank implementations must agree with the reference: the fused kernel is what CPU evaluation
+# runs, the torch one what CUDA (and half precision) runs.
+BACKENDS = ("fused", "torch")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -84,44 +87,73 @@ def _random_sims(n_images: int, k: int, seed: int, signal: float = 1.0) -> torch
 # --------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("n_images,k", [(1, 1), (1, 5), (3, 5), (12, 5), (40, 5), (13, 1), (60, 1)])
-def test_matches_reference_on_random_matrices(n_images, k):
+def test_matches_reference_on_random_matrices(n_images, k, backend):
     sims = _random_sims(n_images, k, seed=n_images * 10 + k)
-    assert_metrics_equal(retrieval_metrics(sims, k), reference_metrics(sims.numpy(), k))
-    i2t, t2i = pessimistic_ranks(sims, k)
+    assert_metrics_equal(retrieval_metrics(sims, k, backend=backend), reference_metrics(sims.numpy(), k))
+    i2t, t2i = pessimistic_ranks(sims, k, backend=backend)
     want_i2t, want_t2i = reference_ranks(sims.numpy(), k)
     np.testing.assert_array_equal(i2t.numpy(), want_i2t)
     np.testing.assert_array_equal(t2i.numpy(), want_t2i)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("decimals", [0, 1])
 @pytest.mark.parametrize("n_images,k", [(25, 5), (50, 1)])
-def test_matches_reference_with_many_ties(n_images, k, decimals):
+def test_matches_reference_with_many_ties(n_images, k, decimals, backend):
     sims = torch.round(_random_sims(n_images, k, seed=7, signal=0.5) * 0.5, decimals=decimals)
     assert len(torch.unique(sims)) < sims.numel() / 20  # the test is only meaningful with many ties
-    i2t, t2i = pessimistic_ranks(sims, k)
+    i2t, t2i = pessimistic_ranks(sims, k, backend=backend)
     want_i2t, want_t2i = reference_ranks(sims.numpy(), k)
     np.testing.assert_array_equal(i2t.numpy(), want_i2t)
     np.testing.assert_array_equal(t2i.numpy(), want_t2i)
-    assert_metrics_equal(retrieval_metrics(sims, k), reference_metrics(sims.numpy(), k))
+    assert_metrics_equal(retrieval_metrics(sims, k, backend=backend), reference_metrics(sims.numpy(), k))
 
 
-def test_nan_scores_never_help():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_scores_never_help(backend):
     sims = _random_sims(20, 5, seed=3, signal=2.0)
     g = torch.Generator().manual_seed(4)
     sims[torch.rand(sims.shape, generator=g) < 0.1] = float("nan")
     sims[0] = float("nan")  # an image whose every score is NaN must rank last, not first
-    i2t, t2i = pessimistic_ranks(sims, 5)
+    i2t, t2i = pessimistic_ranks(sims, 5, backend=backend)
     want_i2t, want_t2i = reference_ranks(sims.numpy(), 5)
     np.testing.assert_array_equal(i2t.numpy(), want_i2t)
     np.testing.assert_array_equal(t2i.numpy(), want_t2i)
     assert i2t[0] == 100 - 5 + 1
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
 def test_other_dtypes(dtype):
     sims = _random_sims(15, 5, seed=11).to(dtype)
-    assert_metrics_equal(retrieval_metrics(sims, 5), reference_metrics(sims.double().numpy(), 5))
+    assert_metrics_equal(retrieval_metrics(sims, 5), reference_metrics(sims.float().double().numpy(), 5))
+
+
+def test_fused_kernel_on_strided_views_and_thread_splits():
+    # COCO folds hand the kernel non-contiguous views; row blocks per thread must not change counts.
+    sims = torch.round(_random_sims(30, 5, seed=13), decimals=1)
+    fold = sims[10:20, 50:100]
+    assert not fold.is_contiguous()
+    want_i2t, want_t2i = reference_ranks(fold.numpy(), 5)
+    for threads in (1, 2, 3, 64):
+        torch.set_num_threads(threads)
+        try:
+            i2t, t2i = pessimistic_ranks(fold, 5, backend="fused")
+        finally:
+            torch.set_num_threads(1)
+        np.testing.assert_array_equal(i2t.numpy(), want_i2t)
+        np.testing.assert_array_equal(t2i.numpy(), want_t2i)
+    # A matrix that requires grad (an evaluation called outside no_grad) is fine too.
+    i2t, _ = pessimistic_ranks(sims.clone().requires_grad_(), 5)
+    np.testing.assert_array_equal(i2t.numpy(), reference_ranks(sims.numpy(), 5)[0])
+
+
+def test_backend_choice_errors():
+    with pytest.raises(ValueError, match="unknown rank backend 'numpy'"):
+        pessimistic_ranks(torch.zeros(2, 10), 5, backend="numpy")
+    with pytest.raises(ValueError, match="float32/float64 CPU"):
+        pessimistic_ranks(torch.zeros(2, 10, dtype=torch.float16), 5, backend="fused")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -243,9 +275,10 @@ def test_fold_size_must_divide_images():
 @pytest.mark.parametrize("chunk_rows", [1, 3, 36, 37, 100])
 def test_chunk_size_does_not_change_results(chunk_rows):
     sims = torch.round(_random_sims(37, 5, seed=9), decimals=1)
-    assert retrieval_metrics(sims, 5, chunk_rows=chunk_rows) == retrieval_metrics(sims, 5)
+    chunked = retrieval_metrics(sims, 5, chunk_rows=chunk_rows, backend="torch")
+    assert chunked == retrieval_metrics(sims, 5, backend="fused")
     # A 1-byte budget forces one-row chunks; results must not move either.
-    assert retrieval_metrics(sims, 5, memory_budget=1) == retrieval_metrics(sims, 5)
+    assert retrieval_metrics(sims, 5, memory_budget=1, backend="torch") == chunked
 
 
 def test_chunk_size_respects_memory_budget():
@@ -260,9 +293,27 @@ def test_rank_scratch_allocations_stay_within_budget():
     sims = torch.randn(400, 2000)  # comparing it all at once would need 4 MB of scratch
     budget = 256 * 2**10
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        retrieval_metrics(sims, 5, memory_budget=budget)
+        retrieval_metrics(sims, 5, memory_budget=budget, backend="torch")
     largest = max(event.cpu_memory_usage for event in prof.events())
     assert 0 < largest <= budget
+
+
+def test_fused_kernel_scratch_is_per_column_not_per_element():
+    import tracemalloc  # numpy reports its allocations to tracemalloc
+
+    sims = torch.randn(400, 2000)  # 3.2 MB; the kernel keeps one int32 count per column and thread
+    pessimistic_ranks(sims, 5, backend="fused")  # compile / load the kernel outside the measurement
+    torch.set_num_threads(2)
+    tracemalloc.start()
+    try:
+        pessimistic_ranks(sims, 5, backend="fused")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+        torch.set_num_threads(1)
+    # 2 threads x 2000 columns x 4 B = 16 KB of counts plus the thread pool's bookkeeping (~90 KB
+    # measured); a bool per matrix element, as eager torch would make, is 800 KB.
+    assert peak < 200 * 2**10
 
 
 @pytest.mark.parametrize("chunk_rows", [1, 4, 11, 50])

@@ -5,9 +5,11 @@ k captions per image (caption j belongs to image j // k); COCO reports the 5-fol
 full 5K. **Ties count against the model**: a ground truth tied with a negative is ranked below it, so
 a collapsed model (all scores equal) scores at the bottom, never 100.
 
-Everything is vectorised torch. Ranks are comparison counts (how many negatives score >= the ground
-truth) computed over row chunks of the similarity matrix, so COCO 5K (5,000 x 25,000) needs one pass
-and a bounded amount of scratch memory; no argsort of the matrix is ever formed.
+Ranks are comparison counts (how many negatives score >= the ground truth); no argsort of the matrix
+is ever formed. On the CPU (float32/float64) the counts come from a fused kernel
+(``trainables/rank_kernel.py``) that reads each row of the matrix from memory once for both
+directions; elsewhere (CUDA, half precision) from vectorised torch over row chunks of the matrix with
+a bounded amount of scratch memory. Both give identical ranks.
 
 NaN never helps the model: a NaN ground-truth score ranks last, and a NaN negative ranks above the
 ground truth (both fall out of counting ``not (negative < gt)``).
@@ -57,21 +59,57 @@ def rows_per_chunk(n_columns: int, memory_budget: int = DEFAULT_MEMORY_BUDGET) -
     return max(1, memory_budget // (_SCRATCH_BYTES_PER_ELEMENT * max(1, n_columns)))
 
 
+RANK_BACKENDS = ("auto", "fused", "torch")
+
+
 def pessimistic_ranks(
     sims: Tensor, captions_per_image: int = 5, chunk_rows: int | None = None,
-    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET, backend: str = "auto",
 ) -> tuple[Tensor, Tensor]:
-    """1-based ranks with ties counted against the model, one pass over row chunks of ``sims``.
+    """1-based ranks with ties counted against the model.
 
     sims: ``[N, k*N]``, caption j belongs to image j // k (any float dtype, any device; may be a
     strided view). Returns ``(i2t [N], t2i [k*N])`` int64 on ``sims.device``:
     i2t[i] = 1 + #{negative captions j : s[i, j] >= max over i's k ground truths};
     t2i[j] = 1 + #{negative images i : s[i, j] >= s[j // k, j]}.
+
+    ``backend``: ``"fused"`` = the one-pass CPU kernel (float32/float64 CPU tensors only),
+    ``"torch"`` = row chunks of ``chunk_rows`` rows (default: as many as ``memory_budget`` bytes of
+    scratch allow), ``"auto"`` = fused where it applies, torch elsewhere.
     """
     _check_sims(sims, captions_per_image)
-    k = captions_per_image
+    if backend not in RANK_BACKENDS:
+        raise ValueError(f"unknown rank backend {backend!r}; choose one of {', '.join(RANK_BACKENDS)}")
+    fusable = sims.device.type == "cpu" and sims.dtype in (torch.float32, torch.float64)
+    if backend == "fused" and not fusable:
+        raise ValueError(f"the fused rank kernel needs a float32/float64 CPU matrix, got {sims.dtype} "
+                         f"on {sims.device}")
+    if backend == "fused" or (backend == "auto" and fusable):
+        return _fused_ranks(sims.detach(), captions_per_image)
+    step = chunk_rows or rows_per_chunk(sims.shape[1], memory_budget)
+    return _chunked_ranks(sims, captions_per_image, step)
+
+
+def _fused_ranks(sims: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """``pessimistic_ranks`` through ``trainables.rank_kernel`` (CPU, float32/float64)."""
+    from trainables.rank_kernel import below_counts  # numba loads only when something is evaluated
+
     n_images, n_captions = sims.shape
-    step = chunk_rows or rows_per_chunk(n_captions, memory_budget)
+    captions = torch.arange(n_captions)
+    gt = sims[captions // k, captions]  # [M] score of each caption's own image (a contiguous copy)
+    gt_by_image = gt.view(n_images, k)
+    # The best ground truth decides the rank; an all-NaN ground-truth set becomes -inf (rank last).
+    best = gt_by_image.nan_to_num(nan=float("-inf")).amax(1)  # [N]
+    below_row, below_col = below_counts(sims.numpy(), best.numpy(), gt.numpy(), torch.get_num_threads())
+    below_gt = (gt_by_image < best[:, None]).sum(1)  # ground truths are not negatives: take them out
+    i2t = n_captions - k - (torch.from_numpy(below_row) - below_gt) + 1
+    t2i = n_images - torch.from_numpy(below_col)  # = 1 + negatives not below the ground truth
+    return i2t, t2i
+
+
+def _chunked_ranks(sims: Tensor, k: int, step: int) -> tuple[Tensor, Tensor]:
+    """``pessimistic_ranks`` in vectorised torch over blocks of ``step`` rows (any device/dtype)."""
+    n_images, n_captions = sims.shape
     captions = torch.arange(n_captions, device=sims.device)
     gt_t2i = sims[captions // k, captions]  # [M] score of each caption's own image
     below_t2i = torch.zeros(n_captions, dtype=torch.int64, device=sims.device)
@@ -112,15 +150,16 @@ def rank_summary(ranks: Tensor, prefix: str) -> dict[str, float]:
 
 def retrieval_metrics(
     sims: Tensor, captions_per_image: int = 5, chunk_rows: int | None = None,
-    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET, backend: str = "auto",
 ) -> dict[str, float]:
     """Bidirectional retrieval metrics of ``sims [N, k*N]`` (caption j belongs to image j // k).
 
     Returns ``i2t_r1, i2t_r5, i2t_r10, t2i_r1, t2i_r5, t2i_r10`` (percent), ``rsum`` (sum of the
-    six) and ``i2t_medr, i2t_meanr, t2i_medr, t2i_meanr`` (1-based ranks). ``chunk_rows`` overrides
-    the chunk size that ``memory_budget`` (bytes of scratch) would choose; results do not depend on it.
+    six) and ``i2t_medr, i2t_meanr, t2i_medr, t2i_meanr`` (1-based ranks). ``backend``,
+    ``chunk_rows`` and ``memory_budget`` are those of ``pessimistic_ranks``; results do not depend on
+    them.
     """
-    i2t, t2i = pessimistic_ranks(sims, captions_per_image, chunk_rows, memory_budget)
+    i2t, t2i = pessimistic_ranks(sims, captions_per_image, chunk_rows, memory_budget, backend)
     out = {**rank_summary(i2t, "i2t"), **rank_summary(t2i, "t2i")}
     out["rsum"] = sum(out[f"{d}_r{at}"] for d in ("i2t", "t2i") for at in RECALL_AT)
     return out
@@ -128,12 +167,12 @@ def retrieval_metrics(
 
 def coco_5fold_metrics(
     sims: Tensor, captions_per_image: int = 5, fold_images: int = 1000, chunk_rows: int | None = None,
-    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET, backend: str = "auto",
 ) -> dict[str, float]:
     """Average of every ``retrieval_metrics`` value over the folds of ``fold_images`` images.
 
     Fold f is the square block ``sims[f*F:(f+1)*F, f*F*k:(f+1)*F*k]`` (COCO 5K -> five 1K folds,
-    each image ranked only against its fold's captions). Chunking arguments as ``retrieval_metrics``.
+    each image ranked only against its fold's captions). Backend and chunking as ``retrieval_metrics``.
     """
     _check_sims(sims, captions_per_image)
     n_images = sims.shape[0]
@@ -142,7 +181,7 @@ def coco_5fold_metrics(
     n_cap = fold_images * captions_per_image
     folds = [
         retrieval_metrics(sims[f * fold_images:(f + 1) * fold_images, f * n_cap:(f + 1) * n_cap],
-                          captions_per_image, chunk_rows, memory_budget)
+                          captions_per_image, chunk_rows, memory_budget, backend)
         for f in range(n_images // fold_images)
     ]
     return {name: sum(m[name] for m in folds) / len(folds) for name in folds[0]}
@@ -150,12 +189,13 @@ def coco_5fold_metrics(
 
 def evaluate_similarity(
     sims: Tensor, captions_per_image: int = 5, coco_folds: bool = False, fold_images: int = 1000,
-    chunk_rows: int | None = None, memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    chunk_rows: int | None = None, memory_budget: int = DEFAULT_MEMORY_BUDGET, backend: str = "auto",
 ) -> dict[str, float]:
     """Metrics on the whole matrix, plus ``"1k_" + name`` fold averages when ``coco_folds``."""
-    out = retrieval_metrics(sims, captions_per_image, chunk_rows, memory_budget)
+    out = retrieval_metrics(sims, captions_per_image, chunk_rows, memory_budget, backend)
     if coco_folds:
-        folds = coco_5fold_metrics(sims, captions_per_image, fold_images, chunk_rows, memory_budget)
+        folds = coco_5fold_metrics(sims, captions_per_image, fold_images, chunk_rows, memory_budget,
+                                   backend)
         out.update({f"1k_{name}": value for name, value in folds.items()})
     return out
 

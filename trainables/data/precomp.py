@@ -5,6 +5,9 @@ A split ``S`` of a dataset directory ``root`` is three files:
 - ``S_ims.npy``   float32 (or float16) array ``[N, R, D]``: R region vectors of dimension D per image.
   Always opened with ``mmap_mode='r'`` — COCO's train file is ~33 GB and must never be read at once.
 - ``S_caps.txt``  ``k·N`` lines; captions ``k·i … k·i+k−1`` describe image ``i`` (k is inferred, normally 5).
+  Also memory-mapped (:class:`CaptionLines`): only two int64 offsets per caption live in RAM, so a
+  process's private memory does not grow with the split, and forked DataLoader workers do not copy
+  a list of Python strings page by page as they touch their reference counts.
 - ``S_ids.txt``   optional, ``N`` or ``k·N`` lines of source ids (kept for reports, never required).
 
 Every defect is reported as one :class:`~trainables.errors.DataError` line naming the file and the fix,
@@ -13,8 +16,10 @@ so the driver can validate a dataset before any Ray worker starts.
 
 from __future__ import annotations
 
+import codecs
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, overload
 
 import numpy as np
 
@@ -93,6 +98,67 @@ def read_lines(path: Path) -> list[str]:
     return [line.strip() for line in lines]
 
 
+class CaptionLines(Sequence[str]):
+    """The lines of a UTF-8 text file, stripped, memory-mapped: offsets in RAM, text decoded on access.
+
+    Line semantics are those of :func:`read_lines` (split on ``\\n``, one final newline allowed, each
+    line stripped). Construction reads the file once to find the line ends and to check it is UTF-8;
+    afterwards ``lines[j]`` decodes one line from the page cache. Slicing gives a view (no copy);
+    pickling sends the path and the offsets and re-maps the file on arrival.
+    """
+
+    def __init__(self, path: Path, chunk_bytes: int = SCAN_CHUNK_BYTES):
+        self.path = Path(path)
+        raw = self._map()
+        ends, decoder = [], codecs.getincrementaldecoder("utf-8")()
+        for start in range(0, len(raw), chunk_bytes):  # chunked: no file-sized temporary
+            chunk = raw[start:start + chunk_bytes]
+            try:
+                decoder.decode(chunk.tobytes(), final=start + chunk_bytes >= len(raw))
+            except UnicodeDecodeError as err:
+                raise DataError(f"{path} is not valid UTF-8 (byte {start + err.start}); re-encode it as UTF-8") from None
+            ends.append(start + np.flatnonzero(chunk == ord("\n")))
+        ends = np.concatenate(ends) if ends else np.empty(0, dtype=np.int64)
+        if len(raw) and raw[-1] != ord("\n"):
+            ends = np.append(ends, len(raw))  # a last line without its newline
+        self._starts = np.concatenate([[0], ends[:-1] + 1]).astype(np.int64) if len(ends) else ends.astype(np.int64)
+        self._ends = ends.astype(np.int64)
+        self._raw = raw
+
+    def _map(self) -> np.ndarray:
+        if self.path.stat().st_size == 0:
+            return np.empty(0, dtype=np.uint8)  # numpy cannot map an empty file
+        return np.memmap(self.path, dtype=np.uint8, mode="r")
+
+    def __len__(self) -> int:
+        return len(self._starts)
+
+    @overload
+    def __getitem__(self, j: int) -> str: ...
+    @overload
+    def __getitem__(self, j: slice) -> CaptionLines: ...
+    def __getitem__(self, j):
+        if isinstance(j, slice):
+            view = object.__new__(CaptionLines)
+            view.path, view._raw = self.path, self._raw
+            view._starts, view._ends = self._starts[j], self._ends[j]
+            return view
+        return self._raw[self._starts[j]:self._ends[j]].tobytes().decode("utf-8").strip()
+
+    def __iter__(self) -> Iterator[str]:
+        return (self[j] for j in range(len(self)))
+
+    def __getstate__(self) -> dict:
+        return {"path": self.path, "_starts": self._starts, "_ends": self._ends}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._raw = self._map()
+
+    def __repr__(self) -> str:
+        return f"CaptionLines({str(self.path)!r}, {len(self)} lines)"
+
+
 def infer_captions_per_image(n_lines: int, n_images: int, caps: Path, ims: Path) -> int:
     """k = lines / N, which must be a positive integer."""
     if n_lines == 0:
@@ -103,7 +169,7 @@ def infer_captions_per_image(n_lines: int, n_images: int, caps: Path, ims: Path)
     return n_lines // n_images
 
 
-def check_nonempty(captions: list[str], caps: Path) -> None:
+def check_nonempty(captions: Sequence[str], caps: Path) -> None:
     """Raise on the first blank caption line (1-based line number)."""
     empty = next((i for i, caption in enumerate(captions) if not caption), None)
     if empty is not None:
@@ -157,7 +223,7 @@ class PrecompSplit:
         for path in (files.ims, files.caps):
             _require_file(path, self.root, split)
         full = open_features(files.ims)
-        captions = read_lines(files.caps)
+        captions = CaptionLines(files.caps)
         k = infer_captions_per_image(len(captions), full.shape[0], files.caps, files.ims)
         check_nonempty(captions, files.caps)
         ids = read_ids(files.ids, full.shape[0], k)
@@ -167,7 +233,7 @@ class PrecompSplit:
         self.captions_per_image = k
         # A leading slice of a memmap is still a memmap: nothing is read until an image is indexed.
         self.images: np.memmap = full[: self.n_images]
-        self.captions: list[str] = captions[: k * self.n_images]
+        self.captions: CaptionLines = captions[: k * self.n_images]
         per_caption = ids is not None and len(ids) == k * full.shape[0]
         self.ids: list[str] | None = None if ids is None else ids[: (k if per_caption else 1) * self.n_images]
 
