@@ -1,9 +1,11 @@
 """Search efficiency: Optuna TPE + ASHA vs random search + FIFO at the same trial budget.
 
-    python -m benchmarks.search_efficiency                        # 8 trials, seeds 0,1,2
+    python -m benchmarks.search_efficiency --trials 24            # the issue's two arms, seeds 0,1,2
     python -m benchmarks.search_efficiency --trials 6 --seeds 0   # a smaller run
+    python -m benchmarks.search_efficiency --trials 24 --arms tpe+asha,random+fifo,tpe+fifo,random+asha
 
-Both arms run ``studies/demo-search.yaml`` (DIAS, its default search space, tiny text encoder, d 64)
+Every arm (``--arms``: sampler + scheduler; the default pair is the issue's comparison, the other
+two separate TPE's share from ASHA's) runs ``studies/demo-search.yaml`` (DIAS, its default search space, tiny text encoder, d 64)
 shrunk to the smoke size (``data.max_images=150``, 3 epochs) on a synthetic benchmark written to a
 temp dir, through ``run_study`` on a local 2-CPU Ray, with ``search.seed`` = each seed. For every run
 the epochs reported by all its trials are put in time order; after each one, the best validation
@@ -15,7 +17,9 @@ invocation, and 95% of the best of that seed's runs. Writes
 
 Note: Optuna's ``TPESampler`` samples its first ``n_startup_trials`` (10) trials at random, so with a
 budget under ~12 trials both arms draw mostly random configurations and the comparison mostly
-measures ASHA's early stopping.
+measures ASHA's early stopping; ``--tpe-startup N`` sets ``search.startup_trials`` of the TPE arms.
+With the same ``search.seed`` the random start-up trials of TPE and the random sampler's trials are
+the same configurations, so the arms differ only where TPE starts modelling (a paired design).
 """
 
 from __future__ import annotations
@@ -30,16 +34,25 @@ import pandas as pd
 
 from benchmarks._common import OUT_DIR, ROOT, command, local_ray, quiet_env, record, synth_dataset
 
-ARMS = {"tpe+asha": ("optuna-tpe", "asha"), "random+fifo": ("random", "fifo")}
+ARMS = {"tpe+asha": ("optuna-tpe", "asha"), "random+fifo": ("random", "fifo"),
+        "tpe+fifo": ("optuna-tpe", "fifo"), "random+asha": ("random", "asha")}
+BASELINE = "random+fifo"
 
 
-def run_arm(arm: str, seed: int, trials: int, epochs: int, max_images: int, data_root: Path, tmp: Path) -> Path:
+def arm_label(arm: str, tpe_startup: int | None) -> str:
+    """``tpe+asha`` -> ``tpe(5)+asha`` when TPE's random start-up is not Optuna's default."""
+    return arm.replace("tpe", f"tpe({tpe_startup})") if tpe_startup and arm.startswith("tpe") else arm
+
+
+def run_arm(arm: str, seed: int, trials: int, epochs: int, max_images: int, data_root: Path, tmp: Path,
+            tpe_startup: int | None = None) -> Path:
     """One study; returns its directory."""
     from study.config import load_study
     from study.engine import run_study
 
     algorithm, scheduler = ARMS[arm]
-    study = load_study(ROOT / "studies" / "demo-search.yaml", [
+    extra = [f"search.startup_trials={tpe_startup}"] if tpe_startup and algorithm == "optuna-tpe" else []
+    study = load_study(ROOT / "studies" / "demo-search.yaml", [*extra,
         f"name=bench-search-{arm.replace('+', '-')}-s{seed}", f"data.root={data_root}",
         f"search.space={ROOT / 'search_spaces' / 'dias.yaml'}",
         f"data.max_images={max_images}", f"train.epochs={epochs}", f"search.num_samples={trials}",
@@ -88,24 +101,42 @@ def plot(curves: dict[tuple[str, int], pd.DataFrame], best_known: float, path: P
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    colours = {"tpe+asha": "tab:blue", "random+fifo": "tab:orange"}
-    styles = ["-", "--", ":", "-."]
     seeds = sorted({seed for _, seed in curves})
-    for (arm, seed), c in curves.items():
-        ax.step(c["trial_epochs"], c["best_rsum"], where="post", color=colours[arm], alpha=0.8,
-                linestyle=styles[seeds.index(seed) % len(styles)], label=f"{arm} seed {seed}")
-    ax.axhline(0.95 * best_known, color="grey", linestyle="--", linewidth=1, label="95% of best known")
-    ax.set_xlabel("cumulative trial-epochs")
-    ax.set_ylabel("best validation rSum so far")
-    ax.set_title("Search efficiency on the synthetic benchmark (DIAS, tiny encoder)")
-    ax.legend(fontsize=7)
+    arms = list(dict.fromkeys(arm for arm, _ in curves))
+    colours = dict(zip(arms, plt.get_cmap("tab10").colors))
+    fig, axes = plt.subplots(1, len(seeds), figsize=(4.2 * len(seeds), 4.2), sharey=True, squeeze=False)
+    for ax, seed in zip(axes[0], seeds):
+        for arm in arms:
+            c = curves.get((arm, seed))
+            if c is not None:
+                ax.step(c["trial_epochs"], c["best_rsum"], where="post", color=colours[arm], label=arm)
+        ax.axhline(0.95 * best_known, color="grey", linestyle="--", linewidth=1, label="95% of best known")
+        ax.set_title(f"search seed {seed}")
+        ax.set_xlabel("cumulative trial-epochs")
+    axes[0][0].set_ylabel("best validation rSum so far")
+    axes[0][0].legend(fontsize=8, loc="lower right")
+    fig.suptitle("Search efficiency on the synthetic benchmark (DIAS, tiny encoder)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def markdown(table: pd.DataFrame) -> str:
+def arm_summary(table: pd.DataFrame) -> pd.DataFrame:
+    """One row per arm: means over seeds, and trial-epochs to 95% of the best known relative to
+    the baseline arm on the same seed (seeds where both reached it)."""
+    base = table[table["arm"] == BASELINE].set_index("seed")["epochs_to_95pct"]
+    rows = []
+    for arm, runs in table.groupby("arm", sort=False):
+        reached = runs["epochs_to_95pct"].dropna()
+        paired = runs.set_index("seed")["epochs_to_95pct"].div(base).dropna()
+        rows.append({"arm": arm, "runs": len(runs), "best_rsum": runs["best_rsum"].mean(),
+                     "trial_epochs": runs["trial_epochs"].mean(), "reached": len(reached),
+                     "epochs_to_95pct": reached.mean() if len(reached) else float("nan"),
+                     "vs_baseline": paired.mean() if len(paired) else float("nan"), "paired_seeds": len(paired)})
+    return pd.DataFrame(rows)
+
+
+def markdown(table: pd.DataFrame, summary: pd.DataFrame, best_known: float) -> str:
     def reached(value) -> str:
         return "not reached" if pd.isna(value) else str(int(value))
 
@@ -115,49 +146,83 @@ def markdown(table: pd.DataFrame) -> str:
     for r in table.itertuples():
         lines.append(f"| {r.arm} | {r.seed} | {r.trials} | {r.trial_epochs} | {r.best_rsum:.1f} | "
                      f"{reached(r.epochs_to_95pct)} | {reached(r.epochs_to_95pct_seed)} |")
+    arm_header = ("| arm | mean best rSum | mean trial-epochs spent | runs reaching 95% of best known "
+                  f"| mean trial-epochs to it | / {BASELINE}'s, same seed |")
+    lines += ["", f"Best rSum known across these runs: {best_known:.1f} (95%: {0.95 * best_known:.1f}).", "",
+              arm_header, "|---|---|---|---|---|---|"]
+    for r in summary.itertuples():
+        ratio = "—" if pd.isna(r.vs_baseline) else f"{r.vs_baseline:.2f} ({r.paired_seeds} seed{'s' * (r.paired_seeds != 1)})"
+        to_95 = "—" if pd.isna(r.epochs_to_95pct) else f"{r.epochs_to_95pct:.1f}"
+        lines.append(f"| {r.arm} | {r.best_rsum:.1f} | {r.trial_epochs:.1f} | {r.reached}/{r.runs} | {to_95} "
+                     f"| {ratio} |")
     return "\n".join(lines) + "\n"
+
+
+def load_curves(paths: list[str]) -> dict[tuple[str, int], pd.DataFrame]:
+    """Curves saved by earlier runs (``search_curves.csv``), so tables can be rebuilt or runs merged."""
+    curves: dict[tuple[str, int], pd.DataFrame] = {}
+    for path in paths:
+        frame = pd.read_csv(path)
+        for (arm, seed), c in frame.groupby(["arm", "seed"], sort=False):
+            curves[arm, int(seed)] = c.drop(columns=["arm", "seed"]).reset_index(drop=True)
+    return curves
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=8, help="trial budget of each run")
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated search seeds")
+    parser.add_argument("--arms", default="tpe+asha,random+fifo", help="comma-separated: " + ", ".join(ARMS))
+    parser.add_argument("--tpe-startup", type=int, default=None,
+                        help="search.startup_trials of the TPE arms (default: Optuna's 10)")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--max-images", type=int, default=150)
+    parser.add_argument("--from-curves", default=None,
+                        help="comma-separated search_curves.csv files: summarise (and merge) them, run nothing")
     parser.add_argument("--out", default=str(OUT_DIR), help="where the csv/md/png go")
     parser.add_argument("--record", default=None, help="append the figures (JSON lines) to this file")
     args = parser.parse_args(argv)
     quiet_env()
     seeds = [int(s) for s in args.seeds.split(",")]
+    arms = args.arms.split(",")
+    unknown = sorted(set(arms) - set(ARMS))
+    if unknown:
+        parser.error(f"unknown arm(s) {', '.join(unknown)}; choose from {', '.join(ARMS)}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    curves: dict[tuple[str, int], pd.DataFrame] = {}
-    with tempfile.TemporaryDirectory(prefix="itm-search-") as tmp_name, local_ray():
-        tmp = Path(tmp_name)
-        data_root = synth_dataset(tmp / "synth", 4 * args.max_images)  # dev = images // 4 >= max_images
-        for seed in seeds:
-            for arm in ARMS:
-                curves[arm, seed] = epoch_rows(run_arm(arm, seed, args.trials, args.epochs, args.max_images,
-                                                       data_root, tmp))
+    if args.from_curves:
+        curves = load_curves(args.from_curves.split(","))
+    else:
+        curves = {}
+        with tempfile.TemporaryDirectory(prefix="itm-search-") as tmp_name, local_ray():
+            tmp = Path(tmp_name)
+            data_root = synth_dataset(tmp / "synth", 4 * args.max_images)  # dev = images // 4 >= max_images
+            for seed in seeds:
+                for arm in arms:
+                    label = arm_label(arm, args.tpe_startup)
+                    curves[label, seed] = epoch_rows(run_arm(arm, seed, args.trials, args.epochs, args.max_images,
+                                                             data_root, tmp, args.tpe_startup))
+        pd.concat([c.assign(arm=arm, seed=seed) for (arm, seed), c in curves.items()]).to_csv(
+            out / "search_curves.csv", index=False)
     table, best_known = summarise(curves)
+    summary = arm_summary(table)
     table.to_csv(out / "search_efficiency.csv", index=False)
-    pd.concat([c.assign(arm=arm, seed=seed) for (arm, seed), c in curves.items()]).to_csv(
-        out / "search_curves.csv", index=False)
-    (out / "search_efficiency.md").write_text(markdown(table))
+    text = markdown(table, summary, best_known)
+    (out / "search_efficiency.md").write_text(text)
     plot(curves, best_known, out / "search_efficiency.png")
-    print(markdown(table))
-    print(f"best rSum known across runs: {best_known:.1f}; wrote {out}/search_efficiency.{{csv,md,png}}")
+    print(text)
+    print(f"wrote {out}/search_efficiency.{{csv,md,png}}")
 
     cmd = command("benchmarks.search_efficiency", argv)
-    for arm in ARMS:
-        rows = table[table["arm"] == arm]
-        reached = rows["epochs_to_95pct_seed"].dropna()
-        record(args.record, f"search, {arm}, {args.trials} trials x {len(seeds)} seeds: mean best rSum; "
-               "mean trial-epochs spent; trial-epochs to 95% of the seed's best",
-               f"{rows['best_rsum'].mean():.1f}; {rows['trial_epochs'].mean():.1f}; "
-               f"{reached.mean() if len(reached) else float('nan'):.1f} (mean, reached in "
-               f"{len(reached)}/{len(rows)} runs)", cmd)
+    n_seeds = table["seed"].nunique()
+    for r in summary.itertuples():
+        ratio = "" if pd.isna(r.vs_baseline) else f"; {r.vs_baseline:.2f}x {BASELINE}'s on the same seed"
+        record(args.record, f"search, {r.arm}, {int(table['trials'].max())} trials x {n_seeds} seeds: mean best "
+               "rSum; mean trial-epochs spent; trial-epochs to 95% of the best known rSum",
+               f"{r.best_rsum:.1f}; {r.trial_epochs:.1f}; "
+               f"{'not reached' if pd.isna(r.epochs_to_95pct) else f'{r.epochs_to_95pct:.1f}'} "
+               f"(reached in {r.reached}/{r.runs} runs{ratio})", cmd)
     return 0
 
 

@@ -29,7 +29,16 @@ class SearchConfig(Section):
     grace_period: PositiveInt = 1
     reduction_factor: float = Field(2.0, gt=1)
     seed: int = 0
+    # TPE samples its first `startup_trials` trials at random before it models the space; None keeps
+    # Optuna's default (10), which is most of a 16-trial budget.
+    startup_trials: PositiveInt | None = None
     max_failures: int = Field(1, ge=0)  # retries of a failed trial before it is recorded as failed
+
+    @model_validator(mode="after")
+    def _startup_trials_need_tpe(self):
+        if self.startup_trials is not None and self.algorithm != "optuna-tpe":
+            raise ValueError(f"startup_trials applies to algorithm optuna-tpe only, not {self.algorithm}")
+        return self
 
 
 class ResourcesConfig(Section):

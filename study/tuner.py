@@ -76,8 +76,11 @@ def searcher(study, params: dict[str, Param], journal_path: str):
     s = study.search
     if s.algorithm == "grid":
         return None
-    sampler = (optuna.samplers.TPESampler(seed=s.seed) if s.algorithm == "optuna-tpe"
-               else optuna.samplers.RandomSampler(seed=s.seed))
+    if s.algorithm == "optuna-tpe":
+        startup = {} if s.startup_trials is None else {"n_startup_trials": s.startup_trials}
+        sampler = optuna.samplers.TPESampler(seed=s.seed, **startup)
+    else:
+        sampler = optuna.samplers.RandomSampler(seed=s.seed)
     storage = JournalStorage(JournalFileBackend(journal_path))
     return OptunaSearch(space=define_by_run(params), metric=s.metric, mode=s.mode, sampler=sampler,
                         study_name=study.name, storage=storage)

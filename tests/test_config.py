@@ -64,3 +64,16 @@ def test_cli_reports_config_errors_in_one_line_with_exit_2(tmp_path, capsys):
 def test_cross_section_checks_run_before_ray(tmp_path):
     with pytest.raises(ConfigError, match="cdds.num_heads"):
         load_study(write(tmp_path, "name: x\nmethod: cdds\nmodel: {embed_dim: 30}\ncdds: {num_heads: 4}\n"))
+
+
+def test_tpe_startup_trials_reach_the_sampler_and_need_tpe(tmp_path):
+    from study.spaces import resolve_space
+    from study.tuner import searcher
+
+    study = load_study(write(tmp_path, "name: x\nmethod: dias\n"), ["search.startup_trials=3"])
+    search = searcher(study, resolve_space(study), str(tmp_path / "optuna.journal"))
+    assert search._sampler._n_startup_trials == 3
+    default = load_study(write(tmp_path, "name: x\nmethod: dias\n"))
+    assert searcher(default, resolve_space(default), str(tmp_path / "d.journal"))._sampler._n_startup_trials == 10
+    with pytest.raises(ConfigError, match="startup_trials applies to algorithm optuna-tpe only, not random"):
+        load_study(write(tmp_path, "name: x\n"), ["search.startup_trials=3", "search.algorithm=random"])

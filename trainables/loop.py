@@ -29,6 +29,7 @@ from trainables.data import (
 from trainables.device import autocast, choose_device
 from trainables.errors import NonFiniteLossError
 from trainables.evaluation import evaluate
+from trainables.malloc import keep_freed_memory
 from trainables.methods import build_model
 from trainables.model import ITMModel
 from trainables.text_models import load_tokenizer
@@ -83,6 +84,7 @@ def fit(job: JobConfig, reporter: Reporter, device: torch.device | None = None) 
 
     Returns every epoch's metrics, resumed epochs included (validation metrics only on rank 0).
     """
+    keep_freed_memory()  # a fresh Ray worker otherwise page-faults on every freed temporary (trainables/malloc.py)
     seed_everything(job.train.seed)  # identical initial weights on every rank
     device = device or choose_device(int(os.environ.get("LOCAL_RANK", 0)))
     splits = open_splits(job)
