@@ -7,7 +7,8 @@ For each size a synthetic benchmark is written to a temp dir (``write_synth``), 
 process per (size, mode) iterates every batch of one training epoch (``build_train_loader`` with the
 tiny tokenizer, batch 128, region dropout on; no model) over the train split, either as
 ``PrecompSplit`` opens it (``np.load(mmap_mode="r")``, the default) or with the feature array
-replaced by a full ``np.load`` (what a loader without mmap does). The child samples
+replaced by a full ``np.load`` (what a loader without mmap does); captions are memory-mapped line
+offsets in both modes (``CaptionLines``). The child samples
 ``/proc/self/status`` after every batch and reports, relative to just before the split was opened:
 the peak anonymous memory (``RssAnon``: private heap, what memory-mapping saves) and the peak
 total RSS (``VmHWM``; it also counts the file's page-cache pages the epoch touched, which the

@@ -87,10 +87,14 @@ def summarise(curves: dict[tuple[str, int], pd.DataFrame]) -> tuple[pd.DataFrame
     seed_best = {}
     for (_, seed), c in curves.items():
         seed_best[seed] = max(seed_best.get(seed, float("-inf")), float(c["best_rsum"].max()))
+    # The baseline's final best on each seed: how soon does each arm find a trial that good?
+    baseline_best = {seed: float(c["best_rsum"].max()) for (arm, seed), c in curves.items() if arm == BASELINE}
     rows = [{"arm": arm, "seed": seed, "trials": c["trial"].nunique(), "trial_epochs": len(c),
              "best_rsum": float(c["best_rsum"].max()),
              "epochs_to_95pct": epochs_to_reach(c, 0.95 * best_known),
-             "epochs_to_95pct_seed": epochs_to_reach(c, 0.95 * seed_best[seed])}
+             "epochs_to_95pct_seed": epochs_to_reach(c, 0.95 * seed_best[seed]),
+             "epochs_to_baseline_best": (epochs_to_reach(c, baseline_best[seed]) if seed in baseline_best
+                                         else None)}
             for (arm, seed), c in curves.items()]
     return pd.DataFrame(rows), best_known
 
@@ -129,10 +133,16 @@ def arm_summary(table: pd.DataFrame) -> pd.DataFrame:
     for arm, runs in table.groupby("arm", sort=False):
         reached = runs["epochs_to_95pct"].dropna()
         paired = runs.set_index("seed")["epochs_to_95pct"].div(base).dropna()
+        to_base = runs["epochs_to_baseline_best"].dropna()
+        base_match = table[table["arm"] == BASELINE].set_index("seed")["epochs_to_baseline_best"]
+        match_ratio = runs.set_index("seed")["epochs_to_baseline_best"].div(base_match).dropna()
         rows.append({"arm": arm, "runs": len(runs), "best_rsum": runs["best_rsum"].mean(),
                      "trial_epochs": runs["trial_epochs"].mean(), "reached": len(reached),
                      "epochs_to_95pct": reached.mean() if len(reached) else float("nan"),
-                     "vs_baseline": paired.mean() if len(paired) else float("nan"), "paired_seeds": len(paired)})
+                     "vs_baseline": paired.mean() if len(paired) else float("nan"), "paired_seeds": len(paired),
+                     "matched_baseline": len(to_base),
+                     "epochs_to_baseline_best": to_base.mean() if len(to_base) else float("nan"),
+                     "vs_baseline_match": match_ratio.mean() if len(match_ratio) else float("nan")})
     return pd.DataFrame(rows)
 
 
@@ -141,20 +151,28 @@ def markdown(table: pd.DataFrame, summary: pd.DataFrame, best_known: float) -> s
         return "not reached" if pd.isna(value) else str(int(value))
 
     header = ("| arm | seed | trials | trial-epochs | best rSum | trial-epochs to 95% of best known "
-              "| trial-epochs to 95% of the seed's best |")
-    lines = [header, "|---|---|---|---|---|---|---|"]
+              f"| trial-epochs to 95% of the seed's best | trial-epochs to {BASELINE}'s best |")
+    lines = [header, "|---|---|---|---|---|---|---|---|"]
     for r in table.itertuples():
         lines.append(f"| {r.arm} | {r.seed} | {r.trials} | {r.trial_epochs} | {r.best_rsum:.1f} | "
-                     f"{reached(r.epochs_to_95pct)} | {reached(r.epochs_to_95pct_seed)} |")
+                     f"{reached(r.epochs_to_95pct)} | {reached(r.epochs_to_95pct_seed)} | "
+                     f"{reached(r.epochs_to_baseline_best)} |")
+    def ratio(value: float, seeds: int) -> str:
+        return "—" if pd.isna(value) else f"{value:.2f} ({seeds} seed{'s' * (seeds != 1)})"
+
+    def mean(value: float) -> str:
+        return "—" if pd.isna(value) else f"{value:.1f}"
+
     arm_header = ("| arm | mean best rSum | mean trial-epochs spent | runs reaching 95% of best known "
+                  f"| mean trial-epochs to it | / {BASELINE}'s, same seed | runs matching {BASELINE}'s best "
                   f"| mean trial-epochs to it | / {BASELINE}'s, same seed |")
     lines += ["", f"Best rSum known across these runs: {best_known:.1f} (95%: {0.95 * best_known:.1f}).", "",
-              arm_header, "|---|---|---|---|---|---|"]
+              arm_header, "|---|---|---|---|---|---|---|---|---|"]
     for r in summary.itertuples():
-        ratio = "—" if pd.isna(r.vs_baseline) else f"{r.vs_baseline:.2f} ({r.paired_seeds} seed{'s' * (r.paired_seeds != 1)})"
-        to_95 = "—" if pd.isna(r.epochs_to_95pct) else f"{r.epochs_to_95pct:.1f}"
-        lines.append(f"| {r.arm} | {r.best_rsum:.1f} | {r.trial_epochs:.1f} | {r.reached}/{r.runs} | {to_95} "
-                     f"| {ratio} |")
+        lines.append(f"| {r.arm} | {r.best_rsum:.1f} | {r.trial_epochs:.1f} | {r.reached}/{r.runs} "
+                     f"| {mean(r.epochs_to_95pct)} | {ratio(r.vs_baseline, r.paired_seeds)} "
+                     f"| {r.matched_baseline}/{r.runs} | {mean(r.epochs_to_baseline_best)} "
+                     f"| {ratio(r.vs_baseline_match, r.matched_baseline)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -218,6 +236,9 @@ def main(argv: list[str] | None = None) -> int:
     n_seeds = table["seed"].nunique()
     for r in summary.itertuples():
         ratio = "" if pd.isna(r.vs_baseline) else f"; {r.vs_baseline:.2f}x {BASELINE}'s on the same seed"
+        if not pd.isna(r.vs_baseline_match):
+            ratio += (f"; {BASELINE}'s final best matched in {r.matched_baseline}/{r.runs} runs after "
+                      f"{r.vs_baseline_match:.2f}x its trial-epochs")
         record(args.record, f"search, {r.arm}, {int(table['trials'].max())} trials x {n_seeds} seeds: mean best "
                "rSum; mean trial-epochs spent; trial-epochs to 95% of the best known rSum",
                f"{r.best_rsum:.1f}; {r.trial_epochs:.1f}; "

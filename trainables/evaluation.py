@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -139,12 +140,13 @@ def _i2t_chunk_ranks(block: Tensor, start: int, k: int) -> Tensor:
 def rank_summary(ranks: Tensor, prefix: str) -> dict[str, float]:
     """R@1/5/10 (percent), median and mean rank of 1-based ``ranks [Q]``.
 
-    Median follows the field's evaluators: floor of numpy's median (mean of the middle two).
+    Median follows the field's evaluators: floor of numpy's median (mean of the middle two), here
+    numpy's own (a partition, not the full sort ``torch.quantile`` does).
     """
-    ranks = ranks.double()
-    out = {f"{prefix}_r{at}": 100.0 * (ranks <= at).double().mean().item() for at in RECALL_AT}
-    out[f"{prefix}_medr"] = torch.quantile(ranks, 0.5, interpolation="midpoint").floor().item()
-    out[f"{prefix}_meanr"] = ranks.mean().item()
+    ranks = ranks.detach().cpu().numpy()  # [Q] integers: every count and sum below is exact
+    out = {f"{prefix}_r{at}": 100.0 * np.count_nonzero(ranks <= at) / ranks.size for at in RECALL_AT}
+    out[f"{prefix}_medr"] = float(np.floor(np.median(ranks)))
+    out[f"{prefix}_meanr"] = float(ranks.mean(dtype=np.float64))
     return out
 
 

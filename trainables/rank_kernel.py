@@ -3,7 +3,7 @@
 ``trainables.evaluation.pessimistic_ranks`` uses it for float32/float64 matrices on the CPU. Eager
 torch needs a comparison tensor and a reduction per direction (~14 read passes of a 5K x 25K matrix
 measured on 2 cores); this kernel streams each row from memory once and makes both comparisons while
-the row sits in L2, so the whole rank computation costs about 1.5-2 read passes
+the row sits in L2, so the rank computation costs about 1.2-1.5 read passes
 (``python -m benchmarks.eval_speed``).
 
 Counting rules are those of ``pessimistic_ranks`` (ties and NaN count against the model): a score is
@@ -25,19 +25,34 @@ def _count_below(sims, start, stop, best, gt_col, below_row, below_col):  # prag
     """For rows ``start .. stop-1``: ``below_row[i] = #{j : sims[i, j] < best[i]}`` and, for every
     column, ``below_col[j] += #{i : sims[i, j] < gt_col[j]}``.
 
-    Two separate loops over the same row: each vectorises on its own, and the row (100 KB for 25K
-    captions) is still in L2 when the second one reads it, so DRAM sees it once.
+    Rows go in groups of four (400 KB for 25K captions, in L2): one loop per row counts its own
+    threshold, then one loop over the group's columns adds four comparisons to each column count,
+    so the count array is read and written once per four rows. Each loop vectorises on its own,
+    and DRAM sees every row once. (One row at a time measured 1.7 read passes, four 1.2.)
     """
     n_cols = sims.shape[1]
-    for i in range(start, stop):
-        row = sims[i]
-        threshold = best[i]
-        count = np.int32(0)
-        for j in range(n_cols):
-            count += np.int32(row[j] < threshold)
-        below_row[i] = count
-        for j in range(n_cols):
-            below_col[j] += np.int32(row[j] < gt_col[j])
+    i = start
+    while i < stop:
+        rows = min(4, stop - i)
+        for q in range(rows):
+            row = sims[i + q]
+            threshold = best[i + q]
+            count = np.int32(0)
+            for j in range(n_cols):
+                count += np.int32(row[j] < threshold)
+            below_row[i + q] = count
+        if rows == 4:
+            r0, r1, r2, r3 = sims[i], sims[i + 1], sims[i + 2], sims[i + 3]
+            for j in range(n_cols):
+                g = gt_col[j]
+                below_col[j] += (np.int32(r0[j] < g) + np.int32(r1[j] < g)) + (np.int32(r2[j] < g)
+                                                                               + np.int32(r3[j] < g))
+        else:
+            for q in range(rows):
+                row = sims[i + q]
+                for j in range(n_cols):
+                    below_col[j] += np.int32(row[j] < gt_col[j])
+        i += rows
 
 
 def below_counts(
