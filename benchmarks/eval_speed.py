@@ -26,9 +26,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-from functools import partial
 import tempfile
 import time
+from functools import partial
 
 import numpy as np
 import torch
