@@ -34,7 +34,7 @@ test-fast: $(STAMP)
 clean:
 	rm -rf $(VENV) data results mlruns.db
 
-# The quick benchmark subset (a few minutes): writes benchmarks/results.md. See benchmarks/README.md.
+# The quick benchmark subset (about 5 minutes here): writes benchmarks/results.md. See benchmarks/README.md.
 bench: $(STAMP)
 	RAY_USAGE_STATS_ENABLED=0 RAY_AUTH_MODE=disabled $(BIN)/python -m benchmarks.quick
 .PHONY: bench

@@ -1,6 +1,6 @@
 """The quick benchmark subset behind ``make bench``: runs each script, then writes ``results.md``.
 
-    python -m benchmarks.quick                  # a few minutes on 2 cores
+    python -m benchmarks.quick                  # about 5 minutes on 2 cores
     python -m benchmarks.quick --only eval_speed,data_rss
 
 Each script runs in its own interpreter (so memory and thread settings do not leak between them)
