@@ -149,6 +149,22 @@ def test_fused_kernel_on_strided_views_and_thread_splits():
     np.testing.assert_array_equal(i2t.numpy(), reference_ranks(sims.numpy(), 5)[0])
 
 
+def test_kernel_still_compiles_where_numba_cannot_cache(monkeypatch):
+    import numba
+
+    from trainables import rank_kernel
+
+    real_njit = numba.njit
+
+    def njit(**options):
+        if options.get("cache"):  # what numba raises with a read-only install and no writable home
+            raise RuntimeError("cannot cache function 'f': no locator available for file 'x.py'")
+        return real_njit(**options)
+
+    monkeypatch.setattr(numba, "njit", njit)
+    assert rank_kernel._jit(lambda x: x + 1)(1) == 2
+
+
 def test_backend_choice_errors():
     with pytest.raises(ValueError, match="unknown rank backend 'numpy'"):
         pessimistic_ranks(torch.zeros(2, 10), 5, backend="numpy")

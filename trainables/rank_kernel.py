@@ -20,7 +20,16 @@ import numba
 import numpy as np
 
 
-@numba.njit(nogil=True, cache=True)
+def _jit(fn):
+    """``numba.njit`` with the GIL released, cached on disk where numba finds a writable place
+    (beside this file, else the user's cache dir); compiled once per process where it does not."""
+    try:
+        return numba.njit(nogil=True, cache=True)(fn)
+    except RuntimeError:  # "no locator available": read-only install and no writable home
+        return numba.njit(nogil=True)(fn)
+
+
+@_jit
 def _count_below(sims, start, stop, best, gt_col, below_row, below_col):  # pragma: no cover - jitted
     """For rows ``start .. stop-1``: ``below_row[i] = #{j : sims[i, j] < best[i]}`` and, for every
     column, ``below_col[j] += #{i : sims[i, j] < gt_col[j]}``.
