@@ -96,7 +96,7 @@ def summarise(curves: dict[tuple[str, int], pd.DataFrame]) -> tuple[pd.DataFrame
              "epochs_to_baseline_best": (epochs_to_reach(c, baseline_best[seed]) if seed in baseline_best
                                          else None)}
             for (arm, seed), c in curves.items()]
-    return pd.DataFrame(rows), best_known
+    return pd.DataFrame(rows).sort_values("seed", kind="stable").reset_index(drop=True), best_known
 
 
 def plot(curves: dict[tuple[str, int], pd.DataFrame], best_known: float, path: Path) -> None:
@@ -108,8 +108,12 @@ def plot(curves: dict[tuple[str, int], pd.DataFrame], best_known: float, path: P
     seeds = sorted({seed for _, seed in curves})
     arms = list(dict.fromkeys(arm for arm, _ in curves))
     colours = dict(zip(arms, plt.get_cmap("tab10").colors))
-    fig, axes = plt.subplots(1, len(seeds), figsize=(4.2 * len(seeds), 4.2), sharey=True, squeeze=False)
-    for ax, seed in zip(axes[0], seeds):
+    cols = min(3, len(seeds))
+    rows = -(-len(seeds) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.8 * rows), sharey=True, squeeze=False)
+    for ax in axes.flat[len(seeds):]:
+        ax.set_visible(False)
+    for ax, seed in zip(axes.flat, seeds):
         for arm in arms:
             c = curves.get((arm, seed))
             if c is not None:
@@ -117,7 +121,8 @@ def plot(curves: dict[tuple[str, int], pd.DataFrame], best_known: float, path: P
         ax.axhline(0.95 * best_known, color="grey", linestyle="--", linewidth=1, label="95% of best known")
         ax.set_title(f"search seed {seed}")
         ax.set_xlabel("cumulative trial-epochs")
-    axes[0][0].set_ylabel("best validation rSum so far")
+    for row in axes:
+        row[0].set_ylabel("best validation rSum so far")
     axes[0][0].legend(fontsize=8, loc="lower right")
     fig.suptitle("Search efficiency on the synthetic benchmark (DIAS, tiny encoder)")
     fig.tight_layout()
