@@ -17,38 +17,15 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import os
-import re
 import resource
 import statistics
 import sys
-import time
 
 import torch
 
-from trainables.config import JobConfig, ModelConfig, TrainConfig
-from trainables.methods import build_model
-from trainables.text_models import load_tokenizer
-
-
-def make_batch(batch: int, regions: int, image_dim: int, vocab: int, seed: int = 0) -> dict:
-    """A random batch in the loader's contract (docs/architecture.md); lengths 12..18 incl. CLS/SEP."""
-    gen = torch.Generator().manual_seed(seed)
-    lengths = torch.randint(12, 19, (batch,), generator=gen)
-    max_len = int(lengths.max())
-    attention_mask = (torch.arange(max_len).unsqueeze(0) < lengths.unsqueeze(1)).long()
-    return {"images": torch.randn(batch, regions, image_dim, generator=gen),
-            "region_mask": torch.ones(batch, regions, dtype=torch.bool),
-            "input_ids": torch.randint(1000, vocab, (batch, max_len), generator=gen) * attention_mask,
-            "attention_mask": attention_mask, "image_ids": torch.arange(batch)}
-
-
-def _status_kb(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as status:
-            found = re.search(rf"^{field}:\s+(\d+) kB", status.read(), re.MULTILINE)
-    except OSError:
-        return None
-    return int(found.group(1)) if found else None
+from benchmarks._common import status_kb
+from benchmarks._steps import Stepper, add_step_args, step_inputs
+from trainables.config import JobConfig
 
 
 def _reset_peak() -> bool:
@@ -56,7 +33,7 @@ def _reset_peak() -> bool:
     try:
         with open("/proc/self/clear_refs", "w") as refs:
             refs.write("5")
-        return _status_kb("VmHWM") is not None
+        return status_kb("VmHWM") is not None
     except OSError:
         return False
 
@@ -65,26 +42,13 @@ def measure(job: JobConfig, batch: dict, image_dim: int, steps: int, warmup: int
     """Median step seconds over ``steps`` timed steps after ``warmup``, and the steps' peak memory (MB)."""
     if threads:
         torch.set_num_threads(threads)
-    torch.manual_seed(job.train.seed)
-    model = build_model(job, image_dim).train()
-    optimiser = torch.optim.AdamW(model.param_groups(job.train.lr, job.train.text_lr_scale),
-                                  weight_decay=job.train.weight_decay)
+    stepper = Stepper(job, image_dim)
     exact = _reset_peak()
-    before_kb = _status_kb("VmRSS") if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    times, cpu_times = [], []
-    for step in range(warmup + steps):
-        start, cpu_start = time.perf_counter(), time.process_time()
-        out = model(batch)
-        loss = model.loss_terms(out, batch["image_ids"], epoch=1).total()
-        optimiser.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), job.train.grad_clip)
-        optimiser.step()
-        if step >= warmup:
-            times.append(time.perf_counter() - start)
-            cpu_times.append(time.process_time() - cpu_start)
-    peak_kb = _status_kb("VmHWM") if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    before_kb = status_kb("VmRSS") if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    timed = [stepper.step(batch) for _ in range(warmup + steps)][warmup:]
+    times, cpu_times = [wall for wall, _ in timed], [cpu for _, cpu in timed]
+    peak_kb = status_kb("VmHWM") if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    params = sum(p.numel() for p in stepper.model.parameters() if p.requires_grad)
     return {"seconds": statistics.median(times), "cpu_seconds": statistics.median(cpu_times),
             "peak_mb": (peak_kb - before_kb) / 1024,
             "exact_peak": exact, "params_m": params / 1e6, "threads": torch.get_num_threads()}
@@ -106,22 +70,13 @@ def measure_in_fresh_process(*args) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--dim", type=int, default=512, help="embed_dim d")
+    add_step_args(parser, batch=64, dim=512, text_encoder="minilm", steps=5)
     parser.add_argument("--depth", type=int, default=2, help="cdds.unet_depth")
     parser.add_argument("--noise-groups", type=int, default=4, help="cdds.noise_groups z")
-    parser.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--text-encoder", default="minilm", help="minilm | tiny | local checkpoint")
     parser.add_argument("--pooling", default="gpo", choices=("mean", "max", "gpo"))
-    parser.add_argument("--regions", type=int, default=12)
-    parser.add_argument("--image-dim", type=int, default=256)
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     args = parser.parse_args(argv)
 
-    model_cfg = ModelConfig(embed_dim=args.dim, text_encoder=args.text_encoder, pooling=args.pooling)
-    train_cfg = TrainConfig(batch_size=args.batch)
-    batch = make_batch(args.batch, args.regions, args.image_dim, load_tokenizer(args.text_encoder).vocab_size)
+    model_cfg, train_cfg, batch = step_inputs(args, pooling=args.pooling)
     jobs = {"base": JobConfig(method="base", model=model_cfg, train=train_cfg),
             "cdds": JobConfig(method="cdds", model=model_cfg, train=train_cfg,
                               method_params={"unet_depth": args.depth, "noise_groups": args.noise_groups})}

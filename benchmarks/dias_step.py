@@ -15,64 +15,13 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 
 import torch
 import yaml
 
-from trainables.config import JobConfig, ModelConfig, TrainConfig
-from trainables.methods import build_model, get_method
-from trainables.text_models import load_tokenizer
-
-
-def make_batch(batch: int, regions: int, image_dim: int, vocab: int, seed: int = 0) -> dict:
-    """A random batch in the loader's contract (docs/architecture.md); lengths 12..18 incl. CLS/SEP."""
-    gen = torch.Generator().manual_seed(seed)
-    lengths = torch.randint(12, 19, (batch,), generator=gen)
-    max_len = int(lengths.max())
-    input_ids = torch.randint(1000, vocab, (batch, max_len), generator=gen)
-    attention_mask = (torch.arange(max_len).unsqueeze(0) < lengths.unsqueeze(1)).long()
-    input_ids = input_ids * attention_mask
-    return {"images": torch.randn(batch, regions, image_dim, generator=gen),
-            "region_mask": torch.ones(batch, regions, dtype=torch.bool),
-            "input_ids": input_ids, "attention_mask": attention_mask,
-            "image_ids": torch.arange(batch)}
-
-
-class Stepper:
-    """One method's model and optimiser; ``step()`` runs and times one full training step."""
-
-    def __init__(self, job: JobConfig, image_dim: int):
-        torch.manual_seed(job.train.seed)
-        self.model = build_model(job, image_dim).train()
-        self.optimiser = torch.optim.AdamW(self.model.param_groups(job.train.lr, job.train.text_lr_scale),
-                                           weight_decay=job.train.weight_decay)
-        self.grad_clip = job.train.grad_clip
-
-    def step(self, batch: dict) -> tuple[float, float]:
-        """One step; returns (wall seconds, CPU seconds of this process)."""
-        start, cpu_start = time.perf_counter(), time.process_time()
-        out = self.model(batch)
-        loss = self.model.loss_terms(out, batch["image_ids"], epoch=1).total()
-        self.optimiser.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
-        self.optimiser.step()
-        return time.perf_counter() - start, time.process_time() - cpu_start
-
-
-def time_methods(steppers: dict[str, Stepper], batch: dict, steps: int,
-                 warmup: int) -> dict[str, list[tuple[float, float]]]:
-    """(wall, CPU) seconds of each timed step per method. Steps alternate between the methods (in a
-    rotating order) so that drifting machine load affects both alike."""
-    times: dict[str, list[tuple[float, float]]] = {name: [] for name in steppers}
-    names = list(steppers)
-    for round_ in range(warmup + steps):
-        for name in names[round_ % 2:] + names[:round_ % 2]:
-            seconds = steppers[name].step(batch)
-            if round_ >= warmup:
-                times[name].append(seconds)
-    return times
+from benchmarks._steps import Stepper, add_step_args, step_inputs, time_rounds
+from trainables.config import JobConfig
+from trainables.methods import get_method
 
 
 def summarise(times: dict[str, list[tuple[float, float]]], column: int, label: str) -> str:
@@ -88,29 +37,18 @@ def summarise(times: dict[str, list[tuple[float, float]]], column: int, label: s
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--dim", type=int, default=1024, help="embed_dim d")
-    parser.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--text-encoder", default="minilm", help="minilm | tiny | local checkpoint")
-    parser.add_argument("--regions", type=int, default=12)
-    parser.add_argument("--image-dim", type=int, default=256)
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    add_step_args(parser, batch=128, dim=1024, text_encoder="minilm", steps=5)
     parser.add_argument("--dias", action="append", default=[], metavar="KEY=VALUE",
                         help="override a key of the dias section, e.g. --dias dim_max_rows=null (repeatable)")
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
 
-    model_cfg = ModelConfig(embed_dim=args.dim, text_encoder=args.text_encoder)
-    train_cfg = TrainConfig(batch_size=args.batch)
-    batch = make_batch(args.batch, args.regions, args.image_dim, load_tokenizer(args.text_encoder).vocab_size)
+    model_cfg, train_cfg, batch = step_inputs(args)
     dias_params = {key: yaml.safe_load(value) for key, value in (item.split("=", 1) for item in args.dias)}
     jobs = {"base": JobConfig(method="base", model=model_cfg, train=train_cfg),
             "dias": JobConfig(method="dias", model=model_cfg, train=train_cfg,
                               method_params=get_method("dias").parse_section(dias_params).model_dump())}
     steppers = {method: Stepper(job, args.image_dim) for method, job in jobs.items()}
-    times = time_methods(steppers, batch, args.steps, args.warmup)
+    times = time_rounds(steppers, batch, args.steps, args.warmup)
     print(f"[text_encoder={args.text_encoder} batch={args.batch} d={args.dim} dias={dias_params} "
           f"threads={torch.get_num_threads()} steps={args.steps} (median)]")
     print(summarise(times, 0, "wall"))

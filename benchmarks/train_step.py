@@ -20,10 +20,9 @@ import sys
 import torch
 
 from benchmarks._common import command, record
-from benchmarks.dias_step import Stepper, make_batch
+from benchmarks._steps import Stepper, add_step_args, step_inputs, time_rounds
 from trainables.config import JobConfig, ModelConfig, TrainConfig
 from trainables.methods import get_method
-from trainables.text_models import load_tokenizer
 
 METHODS = ("base", "dias", "cdds")
 
@@ -35,38 +34,14 @@ def method_job(method: str, model: ModelConfig, train: TrainConfig) -> JobConfig
                      method_params=section.model_dump() if section is not None else {})
 
 
-def time_rounds(steppers: dict[str, Stepper], batch: dict, steps: int, warmup: int) -> dict[str, list]:
-    """``{method: [(wall s, CPU s), ...]}`` of the timed steps; the order of methods rotates per round."""
-    names = list(steppers)
-    times: dict[str, list] = {name: [] for name in names}
-    for round_ in range(warmup + steps):
-        shift = round_ % len(names)
-        for name in names[shift:] + names[:shift]:
-            seconds = steppers[name].step(batch)
-            if round_ >= warmup:
-                times[name].append(seconds)
-    return times
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--dim", type=int, default=512, help="embed_dim d")
-    parser.add_argument("--text-encoder", default="tiny", help="tiny | minilm | local checkpoint")
+    add_step_args(parser, batch=64, dim=512, text_encoder="tiny", steps=8)
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated registered methods")
-    parser.add_argument("--steps", type=int, default=8, help="timed steps per method (median reported)")
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--regions", type=int, default=12)
-    parser.add_argument("--image-dim", type=int, default=256)
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     parser.add_argument("--record", default=None, help="append the figures (JSON lines) to this file")
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
 
-    model_cfg = ModelConfig(embed_dim=args.dim, text_encoder=args.text_encoder)
-    train_cfg = TrainConfig(batch_size=args.batch)
-    batch = make_batch(args.batch, args.regions, args.image_dim, load_tokenizer(args.text_encoder).vocab_size)
+    model_cfg, train_cfg, batch = step_inputs(args)
     methods = args.methods.split(",")
     steppers = {name: Stepper(method_job(name, model_cfg, train_cfg), args.image_dim) for name in methods}
     times = time_rounds(steppers, batch, args.steps, args.warmup)
