@@ -46,21 +46,10 @@ class AblationCallback(MlflowStudyCallback):
 
 def start_parent_run(plan, ablation_dir: Path, files: list[Path]) -> str:
     """The ablation's parent run: the resolved study, rows, seeds and (``--from-study``) the source."""
-    from study.engine import environment, git_commit
-
-    study = plan.study
-    client, experiment_id = tracking.client_for(study.tracking.uri, study.tracking.experiment)
-    tags = {"study": study.name, "method": study.method, "kind": "ablation", "git_commit": git_commit(),
-            "study_dir": str(ablation_dir), "variants": ", ".join(r.name for r in plan.rows),
-            "seeds": ", ".join(map(str, plan.seeds))}
+    tags = {"variants": ", ".join(r.name for r in plan.rows), "seeds": ", ".join(map(str, plan.seeds))}
     if plan.source:
         tags.update({"from_study": plan.source["from_study"], "from_trial_id": plan.source["trial_id"]})
-    run = client.create_run(experiment_id, run_name=plan.name, tags=tags)
-    flat = tracking.flatten(study.model_dump(mode="json"))
-    tracking.log_params(client, run.info.run_id, {**flat, **{f"env.{k}": v for k, v in environment().items()}})
-    for path in files:
-        client.log_artifact(run.info.run_id, str(path))
-    return run.info.run_id
+    return tracking.start_parent_run(plan.study, plan.name, "ablation", ablation_dir, files, tags)
 
 
 def log_outputs(uri: str, experiment: str, parent: str, files: list[Path], close: bool) -> None:

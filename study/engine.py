@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,36 +63,6 @@ def study_dir_of(study) -> Path:
     return Path(study.storage.path) / study.name
 
 
-def git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).resolve().parent)
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def environment() -> dict[str, str]:
-    import optuna
-    import ray
-    import torch
-
-    return {"python": platform.python_version(), "torch": torch.__version__, "ray": ray.__version__,
-            "optuna": optuna.__version__, "platform": platform.platform()}
-
-
-def start_parent_run(study, params: dict[str, Param], study_dir: Path) -> str:
-    client, experiment_id = tracking.client_for(study.tracking.uri, study.tracking.experiment)
-    run = client.create_run(experiment_id, run_name=study.name, tags={
-        "study": study.name, "method": study.method, "kind": "study", "git_commit": git_commit(),
-        "study_dir": str(study_dir)})
-    flat = tracking.flatten(study.model_dump(mode="json"))
-    tracking.log_params(client, run.info.run_id, {**flat, **{f"env.{k}": v for k, v in environment().items()}})
-    client.log_artifact(run.info.run_id, str(study_dir / STUDY_FILE))
-    client.log_artifact(run.info.run_id, str(study_dir / SPACE_FILE))
-    return run.info.run_id
-
-
 def new_study_dir(study) -> Path:
     study_dir = study_dir_of(study)
     if (study_dir / PARENT_FILE).exists():
@@ -110,7 +78,8 @@ def prepare(study, params: dict[str, Param]) -> tuple[Path, str]:
     (study_dir / SPACE_FILE).write_text(yaml.safe_dump(
         {"method": study.method, "params": {k: v.model_dump(exclude_defaults=True) for k, v in params.items()}},
         sort_keys=False))
-    parent = start_parent_run(study, params, study_dir)
+    parent = tracking.start_parent_run(study, study.name, "study", study_dir,
+                                       [study_dir / STUDY_FILE, study_dir / SPACE_FILE])
     (study_dir / PARENT_FILE).write_text(json.dumps({"run_id": parent}))
     return study_dir, parent
 

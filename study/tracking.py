@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+import platform
+import subprocess
 import time
 from pathlib import Path
 
@@ -58,3 +60,37 @@ def log_epoch(client: MlflowClient, run_id: str, metrics: dict[str, float], step
     items = [Metric(k, float(v), now, step) for k, v in metrics.items() if k != "epoch"]
     for start in range(0, len(items), 500):
         client.log_batch(run_id, metrics=items[start:start + 500])
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def environment() -> dict[str, str]:
+    import optuna
+    import ray
+    import torch
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "ray": ray.__version__,
+            "optuna": optuna.__version__, "platform": platform.platform()}
+
+
+def start_parent_run(study, run_name: str, kind: str, folder: Path, files: list[Path],
+                     extra_tags: dict[str, str] | None = None) -> str:
+    """A study's or ablation's parent run: tags (study, method, ``kind``, git commit, its folder and
+    ``extra_tags``), the resolved study file and the software versions as params, ``files`` as
+    artifacts. Returns the run id."""
+    client, experiment_id = client_for(study.tracking.uri, study.tracking.experiment)
+    tags = {"study": study.name, "method": study.method, "kind": kind, "git_commit": git_commit(),
+            "study_dir": str(folder), **(extra_tags or {})}
+    run = client.create_run(experiment_id, run_name=run_name, tags=tags)
+    params = flatten(study.model_dump(mode="json"))
+    log_params(client, run.info.run_id, {**params, **{f"env.{k}": v for k, v in environment().items()}})
+    for path in files:
+        client.log_artifact(run.info.run_id, str(path))
+    return run.info.run_id
