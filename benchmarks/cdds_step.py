@@ -1,4 +1,4 @@
-"""Time one optimisation step (forward + loss + backward + AdamW step) of CDDS against the base model.
+"""Time one optimisation step (forward + loss + backward + grad clip + AdamW) of CDDS against the base model.
 
     python -m benchmarks.cdds_step                      # batch 64, d 512, depth 2, z 4, MiniLM
     python -m benchmarks.cdds_step --text-encoder tiny  # the image side and CDDS's UNets dominate

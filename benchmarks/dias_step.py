@@ -1,4 +1,4 @@
-"""Time one optimisation step (forward + loss + backward + AdamW step) of DIAS against the base model.
+"""Time one optimisation step (forward + loss + backward + grad clip + AdamW) of DIAS against the base model.
 
     python -m benchmarks.dias_step                      # batch 128, d 1024, MiniLM text encoder
     python -m benchmarks.dias_step --text-encoder tiny  # the image side and DIAS's terms dominate

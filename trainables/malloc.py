@@ -6,8 +6,8 @@ heap top above a matching trim threshold. A training step allocates and frees ma
 optimizer temporaries of a few hundred KiB to a few MiB, so a process whose thresholds have not
 grown pays a page fault (and a zeroed page) for every 4 KiB of them, every step. A long-lived
 driver process has usually grown them; a fresh Ray worker has not: over 4 epochs of the smoke job
-a 1-CPU Ray worker took ~790,000 minor page faults against ~75,000 for the same ``fit`` in the
-driver, and its epochs were ~15% slower (``python -m benchmarks.ray_overhead``). Fixing both
+a 1-CPU Ray worker took 735,000-815,000 minor page faults against 6,000-115,000 for the same ``fit``
+in the driver, and its epochs were ~15% slower (``python -m benchmarks.ray_overhead``). Fixing both
 thresholds at the start of ``fit`` brought the worker to ~72,000 faults and to the plain process's
 epoch time.
 

@@ -3,7 +3,7 @@
 ``trainables.evaluation.pessimistic_ranks`` uses it for float32/float64 matrices on the CPU. Eager
 torch needs a comparison tensor and a reduction per direction (~14 read passes of a 5K x 25K matrix
 measured on 2 cores); this kernel streams each row from memory once and makes both comparisons while
-the row sits in L2, so the rank computation costs about 1.2-1.5 read passes
+the row sits in L2, so the rank computation costs about 1.2-1.6 read passes
 (``python -m benchmarks.eval_speed``).
 
 Counting rules are those of ``pessimistic_ranks`` (ties and NaN count against the model): a score is
