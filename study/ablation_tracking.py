@@ -30,18 +30,18 @@ class AblationCallback(MlflowStudyCallback):
         self.row_params = row_params(plan)
         self.row_methods = {name: job["method"] for name, job in plan.jobs.items()}
 
-    def on_trial_start(self, iteration, trials, trial, **info):
-        if trial.trial_id in self.runs:  # restored or retried: the parent class marks it running again
-            return super().on_trial_start(iteration, trials, trial, **info)
-        variant, seed = trial.config["variant"], int(trial.config["seed"])
-        number = self.numbers.setdefault(trial.trial_id, len(self.numbers))
-        run = self.client.create_run(self.experiment_id, run_name=f"{variant} seed={seed}", tags={
-            "mlflow.parentRunId": self.parent_run_id, "study": self.study_name, "kind": "ablation-trial",
-            "method": self.row_methods[variant], "variant": variant, "seed": str(seed),
-            "trial_id": trial.trial_id, "trial_number": str(number), "status": "running"})
-        self.runs[trial.trial_id] = run.info.run_id
-        params = {**self.row_params[variant], "train.seed": str(seed), "ablation.variant": variant}
-        tracking.log_params(self.client, run.info.run_id, params)
+    def run_name(self, trial, number: int) -> str:
+        return f"{trial.config['variant']} seed={int(trial.config['seed'])}"
+
+    def trial_tags(self, trial) -> dict[str, str]:
+        variant = trial.config["variant"]
+        return {"kind": "ablation-trial", "method": self.row_methods[variant], "variant": variant,
+                "seed": str(int(trial.config["seed"]))}
+
+    def trial_params(self, trial) -> dict[str, str]:
+        variant = trial.config["variant"]
+        return {**self.row_params[variant], "train.seed": str(int(trial.config["seed"])),
+                "ablation.variant": variant}
 
 
 def start_parent_run(plan, ablation_dir: Path, files: list[Path]) -> str:

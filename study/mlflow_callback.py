@@ -77,14 +77,23 @@ class MlflowStudyCallback(Callback):
             self.client.set_tag(self.runs[trial.trial_id], "status", "running")
             return
         number = self.numbers.setdefault(trial.trial_id, len(self.numbers))
-        searched = trial.config
-        label = " ".join(f"{k.split('.')[-1]}={short(v)}" for k, v in searched.items())
-        run = self.client.create_run(self.experiment_id, run_name=f"{self.method}-{number:03d} {label}".strip(), tags={
+        run = self.client.create_run(self.experiment_id, run_name=self.run_name(trial, number), tags={
             "mlflow.parentRunId": self.parent_run_id, "study": self.study_name, "method": self.method,
-            "trial_id": trial.trial_id, "trial_number": str(number), "status": "running"})
+            "trial_id": trial.trial_id, "trial_number": str(number), "status": "running",
+            **self.trial_tags(trial)})
         self.runs[trial.trial_id] = run.info.run_id
-        params = {**self.fixed_params, **{k: str(v) for k, v in searched.items()}}
-        tracking.log_params(self.client, run.info.run_id, params)
+        tracking.log_params(self.client, run.info.run_id, self.trial_params(trial))
+
+    # What a child run is called and records; subclasses (the ablation's) override these.
+    def run_name(self, trial, number: int) -> str:
+        label = " ".join(f"{k.split('.')[-1]}={short(v)}" for k, v in trial.config.items())
+        return f"{self.method}-{number:03d} {label}".strip()
+
+    def trial_tags(self, trial) -> dict[str, str]:
+        return {}
+
+    def trial_params(self, trial) -> dict[str, str]:
+        return {**self.fixed_params, **{k: str(v) for k, v in trial.config.items()}}
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         run_id = self.runs.get(trial.trial_id)
