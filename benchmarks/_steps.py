@@ -16,7 +16,7 @@ from trainables.methods import build_model
 from trainables.text_models import load_tokenizer
 
 
-def make_batch(batch: int, regions: int, image_dim: int, vocab: int, seed: int = 0) -> dict:
+def build_batch(batch: int, regions: int, image_dim: int, vocab: int, seed: int = 0) -> dict:
     """A random batch in the loader's contract (docs/architecture.md); lengths 12..18 incl. CLS/SEP."""
     gen = torch.Generator().manual_seed(seed)
     lengths = torch.randint(12, 19, (batch,), generator=gen)
@@ -83,5 +83,5 @@ def step_inputs(args: argparse.Namespace, **model: object) -> tuple[ModelConfig,
     if args.threads:
         torch.set_num_threads(args.threads)
     model_cfg = ModelConfig(embed_dim=args.dim, text_encoder=args.text_encoder, **model)
-    batch = make_batch(args.batch, args.regions, args.image_dim, load_tokenizer(args.text_encoder).vocab_size)
+    batch = build_batch(args.batch, args.regions, args.image_dim, load_tokenizer(args.text_encoder).vocab_size)
     return model_cfg, TrainConfig(batch_size=args.batch), batch

@@ -7,7 +7,7 @@
 1. Steady state. The job of ``studies/smoke.yaml`` (tiny encoder, d 64, batch 32; ``--set`` changes
    it) on a synthetic benchmark of ``--images`` train images (written to a temp dir) runs
    ``--epochs`` epochs, alternately as ``fit(job, LocalReporter)`` in this process and through
-   ``make_trainer`` on one Ray Train worker: plain, Ray, plain, ... for ``--rounds`` Ray runs, so
+   ``build_trainer`` on one Ray Train worker: plain, Ray, plain, ... for ``--rounds`` Ray runs, so
    drifting machine load biases neither side. The plain runs use as many torch threads as a 1-CPU
    Ray worker gets; the worker's count (``OMP_NUM_THREADS`` and ``torch.get_num_threads()``) is
    read from a 1-CPU Ray task and printed, and the run stops if they differ. The figure is the
@@ -70,9 +70,9 @@ def plain_epoch_times(job, out_dir: Path, threads: int) -> list[float]:
 
 def ray_train_epoch_times(job, storage: Path, name: str) -> list[float]:
     """``epoch_time_s`` of every epoch of the same job on one Ray Train worker (1 CPU)."""
-    from trainables.ray_train import WorkerResources, make_trainer
+    from trainables.ray_train import WorkerResources, build_trainer
 
-    result = make_trainer(job, WorkerResources(num_workers=1), name=name, storage_path=str(storage)).fit()
+    result = build_trainer(job, WorkerResources(num_workers=1), name=name, storage_path=str(storage)).fit()
     if result.error is not None:
         raise result.error
     history = getattr(result, "return_value", None)
@@ -97,7 +97,7 @@ def trial_iteration_times(study_dir: Path) -> list[float]:
 
 def trial_startup(workers: int, data_root: Path, tmp: Path, epochs: int) -> tuple[float, list[float]]:
     """(start-up seconds, per-epoch seconds) of one ``run_study`` trial with ``workers`` per trial."""
-    from study.engine import run_study
+    from study.search import run_study
 
     study = smoke_study([f"name=bench-startup-w{workers}", f"data.root={data_root}", f"train.epochs={epochs}",
                          "search.num_samples=1", "search.scheduler=fifo", "search.max_failures=0",

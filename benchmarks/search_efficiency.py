@@ -48,7 +48,7 @@ def run_arm(arm: str, seed: int, trials: int, epochs: int, max_images: int, data
             tpe_startup: int | None = None) -> Path:
     """One study; returns its directory."""
     from study.config import load_study
-    from study.engine import run_study
+    from study.search import run_study
 
     algorithm, scheduler = ARMS[arm]
     extra = [f"search.startup_trials={tpe_startup}"] if tpe_startup and algorithm == "optuna-tpe" else []

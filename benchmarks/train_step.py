@@ -5,7 +5,7 @@
 
 One sample is one caption–image pair. A step is forward + loss terms + backward + grad clip + AdamW,
 as in ``trainables.loop``; the batch is random, shaped like the synthetic data (12 regions x 256
-dims, captions of 12–18 tokens; ``benchmarks.dias_step.make_batch``). Each method keeps its default
+dims, captions of 12–18 tokens; ``benchmarks._steps.build_batch``). Each method keeps its default
 section (``METHODS.md``). Steps rotate between the methods round by round so that drifting machine
 load hits all of them alike; the median step time gives samples/s = batch / median seconds, and
 each method's ratio to base. CPU time (summed over this process's threads) is printed beside wall time.

@@ -18,6 +18,9 @@ from trainables.errors import ConfigError
 from trainables.methods import METHODS, get_method
 
 
+JOB_SECTIONS = ("data", "model", "train")  # the study sections a worker receives as they are
+
+
 class SearchConfig(Section):
     space: str | None = None  # YAML search-space file; None = the method's shipped default; "none" = only `params`
     params: dict[str, Any] = Field(default_factory=dict)  # inline additions / overrides of the space
@@ -136,18 +139,44 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     return key.strip().split("."), value
 
 
-def apply_overrides(raw: dict, overrides: list[str]) -> dict:
-    """``["train.epochs=2", ...]`` onto the raw YAML dict; types are checked by validation."""
-    for item in overrides:
-        path, value = parse_override(item)
+def set_dotted(raw: dict, values: dict[str, Any], source: str = "--set") -> dict:
+    """The one merge of ``{"section.key": value}`` into a nested dict (a study file or a job).
+
+    Missing sections are created; a path through a value that is not a section is a one-line
+    error. ``raw`` is changed in place and returned; types are checked when it is validated.
+    """
+    for name, value in values.items():
+        path = name.strip().split(".")
         node = raw
         for part in path[:-1]:
             child = node.setdefault(part, {})
             if not isinstance(child, dict):
-                raise ConfigError(f"--set {item!r}: '{part}' is not a section")
+                raise ConfigError(f"{source}: '{part}' in {name!r} is not a section")
             node = child
         node[path[-1]] = value
     return raw
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """``["train.epochs=2", ...]`` onto the raw YAML dict; types are checked by validation."""
+    for item in overrides:
+        path, value = parse_override(item)
+        set_dotted(raw, {".".join(path): value}, f"--set {item!r}")
+    return raw
+
+
+def apply_params(study, params: dict[str, Any], source: str = "search space"):
+    """A validated copy of ``study`` with ``{"section.key": value}`` applied."""
+    return validate(set_dotted(study.model_dump(mode="json"), params, source), source)
+
+
+def job_with_params(job: dict, params: dict[str, Any]) -> JobConfig:
+    """A job (``JobConfig`` as plain data) with a trial's ``{"section.key": value}`` applied: the
+    method's own section lives in ``method_params`` on the worker side."""
+    job = {**job, **{k: dict(job[k]) for k in ("data", "model", "train", "method_params")}}
+    routed = {name if name.partition(".")[0] in JOB_SECTIONS else "method_params." + name.partition(".")[2]: value
+              for name, value in params.items()}
+    return JobConfig(**set_dotted(job, routed, "trial parameter"))
 
 
 def read_yaml(path: Path) -> dict:

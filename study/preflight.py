@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from trainables.config import DataConfig
-from trainables.data import split_files, validate_split
+from trainables.data import check_eval_protocol, split_files, validate_split
 
 FULL_SCAN_BYTES = 2 * 2**30  # NaN/inf scan of larger splits is left to `study data check` (minutes on COCO)
 
@@ -14,3 +14,4 @@ def check_data(data: DataConfig) -> None:
         ims = split_files(data.root, split).ims
         small = ims.is_file() and ims.stat().st_size <= FULL_SCAN_BYTES
         validate_split(data.root, split, scan_features=small)
+    check_eval_protocol(data)

@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import os
-from pathlib import Path
 
 import ray
 from ray.exceptions import AuthenticationError
 
 from trainables.errors import ConfigError
-
-# Set by Ray for the entrypoint of a Ray Job (`ray job submit`): its runtime env and metadata.
-JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 
 
 def connect(address: str | None = None) -> None:
@@ -48,19 +43,3 @@ def refused_token(err: BaseException | None) -> bool:
             return True
         err = err.__cause__ or err.__context__
     return False
-
-
-def job_working_dir() -> Path | None:
-    """The driver's working directory if it runs as a Ray Job with an uploaded ``working_dir``.
-
-    That directory is an unpacked per-node copy under Ray's session dir, deleted with the session:
-    nothing that must outlive the job or be seen by other nodes may be written below it.
-    """
-    config = os.environ.get(JOB_CONFIG_ENV)
-    if not config:
-        return None
-    try:
-        runtime_env = json.loads(config).get("runtime_env") or {}
-    except (ValueError, AttributeError):
-        return None
-    return Path.cwd().resolve() if runtime_env.get("working_dir") else None

@@ -19,6 +19,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
+from study.config import apply_params
 from trainables.config import Section
 from trainables.errors import ConfigError
 from trainables.methods import get_method
@@ -136,17 +137,6 @@ def _searchable(study, spec) -> list[str]:
     return names + [f"{spec.name}.{key}" for key in spec.searchable]
 
 
-def apply_params(study, params: dict[str, Any]):
-    """A validated copy of ``study`` with ``{"section.key": value}`` applied."""
-    from study.config import validate
-
-    raw = study.model_dump(mode="json")
-    for name, value in params.items():
-        section, _, key = name.partition(".")
-        raw.setdefault(section, {})[key] = value
-    return validate(raw, "search space")
-
-
 def is_active(param: Param, chosen: dict[str, Any]) -> bool:
     return all(chosen.get(other) == value or (isinstance(value, list) and chosen.get(other) in value)
                for other, value in param.when.items())
@@ -183,9 +173,6 @@ class DefineByRun:
                 chosen[name] = trial.suggest_int(name, int(param.low), int(param.high), log=param.log)
             else:
                 chosen[name] = trial.suggest_float(name, param.low, param.high, log=param.type == "loguniform")
-
-
-define_by_run = DefineByRun
 
 
 def grid(params: dict[str, Param]) -> dict[str, list[Any]]:

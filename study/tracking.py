@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import platform
 import subprocess
 import time
+from importlib.metadata import version as package_version
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
 logging.getLogger("mlflow").setLevel(logging.WARNING)
@@ -17,7 +20,13 @@ import mlflow  # noqa: E402
 from mlflow.entities import Metric, Param  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
+from study import results  # noqa: E402
+
 MAX_PARAM_LEN = 6000
+# Keys of a reported result that are bookkeeping, not metrics of the model.
+SKIP_METRICS = {"epoch", "training_iteration", "time_this_iter_s", "time_total_s", "timestamp",
+                "time_since_restore", "iterations_since_restore", "pid", "done", "steps",
+                "checkpoint_dir_name", "should_checkpoint"}
 
 
 def artifact_root(uri: str) -> str | None:
@@ -72,12 +81,9 @@ def git_commit() -> str:
 
 
 def environment() -> dict[str, str]:
-    import optuna
-    import ray
-    import torch
-
-    return {"python": platform.python_version(), "torch": torch.__version__, "ray": ray.__version__,
-            "optuna": optuna.__version__, "platform": platform.platform()}
+    """Software versions, read from the installed packages' metadata (nothing is imported)."""
+    versions = {name: package_version(name) for name in ("torch", "ray", "optuna")}
+    return {"python": platform.python_version(), **versions, "platform": platform.platform()}
 
 
 def start_parent_run(study, run_name: str, kind: str, folder: Path, files: list[Path],
@@ -94,3 +100,117 @@ def start_parent_run(study, run_name: str, kind: str, folder: Path, files: list[
     for path in files:
         client.log_artifact(run.info.run_id, str(path))
     return run.info.run_id
+
+
+def short(value: Any) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+class TrialRuns:
+    """One MLflow child run per trial under the study's parent run (Ray-free; ``study/tuner.py``
+    forwards Tune's callback events here).
+
+    Ray's ``MLflowLoggerCallback`` has no parent/child runs and duplicates runs after
+    ``Tuner.restore``. Here the trial -> run map is part of Tune's experiment state
+    (``get_state``/``set_state``), so a resumed study keeps writing to the same runs.
+    Subclasses (the ablation's) change only ``run_name``, ``trial_tags`` and ``trial_params``.
+    """
+
+    def __init__(self, uri: str, experiment: str, parent_run_id: str, study_name: str, method: str,
+                 fixed_params: dict[str, str], epochs: int):
+        self.uri, self.experiment = uri, experiment
+        self.parent_run_id, self.study_name, self.method = parent_run_id, study_name, method
+        self.fixed_params, self.epochs = fixed_params, epochs
+        self.runs: dict[str, str] = {}  # trial id -> MLflow run id
+        self.numbers: dict[str, int] = {}
+        self.last_epoch: dict[str, int] = {}
+        self._client = self._experiment_id = None
+
+    @property
+    def client(self) -> MlflowClient:
+        if self._client is None:
+            self._client, self._experiment_id = client_for(self.uri, self.experiment)
+        return self._client
+
+    @property
+    def experiment_id(self) -> str:
+        if self._experiment_id is None:
+            self._client = None  # reopening the client also looks the experiment up
+            _ = self.client
+        return self._experiment_id
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_client"] = state["_experiment_id"] = None  # not picklable; reopened lazily
+        return state
+
+    def get_state(self) -> dict:
+        return {"runs": self.runs, "numbers": self.numbers, "last_epoch": self.last_epoch}
+
+    def set_state(self, state: dict) -> None:
+        self.runs, self.numbers = dict(state["runs"]), dict(state["numbers"])
+        self.last_epoch = dict(state.get("last_epoch", {}))
+
+    def started(self, trial_id: str, config: dict) -> None:
+        if trial_id in self.runs:  # restored or retried: keep writing to its run
+            self.client.set_tag(self.runs[trial_id], "status", results.INCOMPLETE)
+            return
+        number = self.numbers.setdefault(trial_id, len(self.numbers))
+        run = self.client.create_run(self.experiment_id, run_name=self.run_name(config, number), tags={
+            "mlflow.parentRunId": self.parent_run_id, "study": self.study_name, "method": self.method,
+            "trial_id": trial_id, "trial_number": str(number), "status": results.INCOMPLETE,
+            **self.trial_tags(config)})
+        self.runs[trial_id] = run.info.run_id
+        log_params(self.client, run.info.run_id, self.trial_params(config))
+
+    # What a child run is called and records; the ablation's subclass overrides these.
+    def run_name(self, config: dict, number: int) -> str:
+        label = " ".join(f"{k.split('.')[-1]}={short(v)}" for k, v in config.items())
+        return f"{self.method}-{number:03d} {label}".strip()
+
+    def trial_tags(self, config: dict) -> dict[str, str]:
+        return {}
+
+    def trial_params(self, config: dict) -> dict[str, str]:
+        return {**self.fixed_params, **{k: str(v) for k, v in config.items()}}
+
+    def reported(self, trial_id: str, result: dict) -> None:
+        run_id = self.runs.get(trial_id)
+        if run_id is None:
+            return
+        step = int(result.get("training_iteration", 0))
+        metrics = {k: v for k, v in result.items() if k not in SKIP_METRICS and k != "config"
+                   and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+        log_epoch(self.client, run_id, metrics, step=step)
+        if step == 1 or trial_id not in self.last_epoch:  # once per (re)start is enough
+            self.client.set_tag(run_id, "node_id", str(result.get("node_id", "unknown")))
+        self.last_epoch[trial_id] = step
+
+    def completed(self, trial_id: str) -> None:
+        """Tune ended the trial without an error: all epochs, or stopped early by the scheduler."""
+        run_id = self.runs.get(trial_id)
+        if run_id is None:
+            return
+        done = self.last_epoch.get(trial_id, 0)
+        self.client.set_tag(run_id, "status", results.trial_status(False, done, self.epochs, live=False))
+        self.client.set_tag(run_id, "epochs", str(done))
+        self.client.set_terminated(run_id, "FINISHED")
+
+    def failed(self, trial_id: str, error: str) -> None:
+        run_id = self.runs.get(trial_id)
+        if run_id is None:
+            return
+        self.client.set_tag(run_id, "status", results.FAILED)
+        self.client.set_tag(run_id, "error", error)
+        self.client.set_terminated(run_id, "FAILED")
+
+
+def mark_best(client: MlflowClient, parent: str, trial_id: str) -> None:
+    """Tag the parent run with the best trial (``best_trial_id``, ``best_run_id``) and that trial's
+    child run with ``best=true``."""
+    client.set_tag(parent, "best_trial_id", trial_id)
+    experiment_id = client.get_run(parent).info.experiment_id
+    for run in client.search_runs([experiment_id], filter_string=(
+            f"tags.mlflow.parentRunId = '{parent}' and tags.trial_id = '{trial_id}'")):
+        client.set_tag(run.info.run_id, "best", "true")
+        client.set_tag(parent, "best_run_id", run.info.run_id)

@@ -1,14 +1,16 @@
-"""Tuner assembly: the second (and last) file that calls Ray's APIs, with ``trainables/ray_train.py``.
+"""All of Ray Tune: the trial function, the Tuners of a search and of an ablation, the console
+reporter, the MLflow callback adapter, and the result grid turned into plain ``TrialRecord``s.
 
-One trial = one training run of the study's method with the sampled parameters. With one worker
-per trial the epoch loop runs directly in the trial (no Train start-up); with more, the trial
-builds a ``TorchTrainer`` named by the trial id and forwards its reports with Ray's
-``TuneReportCallback``.
+With ``trainables/ray_train.py`` and ``study/ray_session.py``, one of the three files that import
+Ray (``tests/test_layering.py`` keeps it so). One trial = one training run of the study's method with
+the sampled parameters. With one worker per trial the epoch loop runs directly in the trial (no
+Train start-up); with more, the trial builds a ``TorchTrainer`` named by the trial id and forwards its
+reports with Ray's ``TuneReportCallback``.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import os
 
 import optuna
 import ray.tune
@@ -18,35 +20,93 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
 
-from study.spaces import Param, define_by_run, grid
-from trainables.config import JobConfig
+from study.config import job_with_params
+from study.results import TrialRecord
+from study.spaces import DefineByRun, Param, grid
+from study.tracking import TrialRuns
 from trainables.loop import fit
-from trainables.ray_train import TuneReporter, WorkerResources, make_trainer, quiet_ray_logs
+from trainables.ray_train import TuneReporter, WorkerResources, build_trainer, last_line, quiet_ray_logs
 
-OPTUNA_JOURNAL = "optuna.journal"
+LIVE_STATES = ("PENDING", "RUNNING", "PAUSED")  # Tune's trial states of a trial it has not ended
 
 
-def apply_to_job(job: dict, params: dict[str, Any]) -> JobConfig:
-    """The base job (plain dict) with the trial's ``{"section.key": value}`` applied."""
-    job = {**job, "data": dict(job["data"]), "model": dict(job["model"]), "train": dict(job["train"]),
-           "method_params": dict(job["method_params"])}
-    for name, value in params.items():
-        section, _, key = name.partition(".")
-        target = job["method_params"] if section not in ("data", "model", "train") else job[section]
-        target[key] = value
-    return JobConfig(**job)
+def quiet_tune_console() -> None:
+    """Tune's console as the study commands want it; call before building a Tuner."""
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the classic reporter: a compact live table
+    # Every epoch checkpoints by design (resume from the last epoch); Tune's advice against it is noise here.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+
+
+class TrackingCallback(ray.tune.Callback):
+    """Tune's callback events forwarded to ``TrialRuns`` (MLflow child runs); its state (the trial ->
+    run map) is saved in Tune's experiment state, so a resumed study reuses its runs."""
+
+    def __init__(self, runs: TrialRuns):
+        self.runs = runs
+
+    def get_state(self) -> dict:
+        return self.runs.get_state()
+
+    def set_state(self, state: dict) -> None:
+        self.runs.set_state(state)
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self.runs.started(trial.trial_id, trial.config)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        self.runs.reported(trial.trial_id, result)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.runs.completed(trial.trial_id)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self.runs.failed(trial.trial_id, error_file_line(getattr(trial, "error_file", None)))
+
+
+def error_file_line(path: str | None) -> str:
+    """The last non-empty line of a trial's error file (Ray prints the exception last)."""
+    try:
+        with open(path) as handle:
+            lines = [line.strip() for line in handle.read().splitlines() if line.strip()]
+    except (OSError, TypeError):
+        lines = []
+    return (lines[-1] if lines else "unknown error")[:500]
+
+
+def trial_records(grid) -> list[TrialRecord]:
+    """Tune's result grid as plain records: id, config, last metrics, error line, still live?"""
+    # ResultGrid exposes no public per-trial state; its analysis object is the only place Tune keeps it.
+    analysis = getattr(grid, "_experiment_analysis", None)
+    states = {trial.trial_id: trial.status for trial in getattr(analysis, "trials", [])}
+    records = []
+    for result in grid:
+        metrics = dict(result.metrics or {})
+        trial_id = metrics.get("trial_id") or (result.path or "").rstrip("/").rsplit("trial_", 1)[-1]
+        state = states.get(trial_id)
+        records.append(TrialRecord(
+            trial_id=trial_id, config=dict(result.config or {}), metrics=metrics,
+            error=last_line(result.error) if result.error is not None else "",
+            live=None if state is None else state in LIVE_STATES))
+    return records
+
+
+def progress_reporter(metric: str, parameter_columns: dict[str, str]) -> ray.tune.CLIReporter:
+    """The live console table: epoch, loss, the study's metric and the given parameters."""
+    return ray.tune.CLIReporter(
+        metric_columns={"training_iteration": "epoch", "loss": "loss", metric: metric},
+        parameter_columns=parameter_columns, max_report_frequency=30, sort_by_metric=True)
 
 
 def run_trial(config: dict, base_job: dict, resources: WorkerResources, storage_path: str) -> None:
     """The Tune function trainable: ``config`` holds the sampled ``section.key`` values."""
     quiet_ray_logs()  # one line per checkpoint is noise in the study's console
-    job = apply_to_job(base_job, config)
+    job = job_with_params(base_job, config)
     if resources.num_workers == 1:
         fit(job, TuneReporter())
         return
     context = ray.tune.get_context()
-    trainer = make_trainer(job, resources, name=f"train-{context.get_trial_id()}",
-                           storage_path=storage_path, callbacks=[TuneReportCallback()])
+    trainer = build_trainer(job, resources, name=f"train-{context.get_trial_id()}",
+                            storage_path=storage_path, callbacks=[TuneReportCallback()])
     result = trainer.fit()
     if result.error is not None:
         raise result.error
@@ -82,7 +142,7 @@ def searcher(study, params: dict[str, Param], journal_path: str):
     else:
         sampler = optuna.samplers.RandomSampler(seed=s.seed)
     storage = JournalStorage(JournalFileBackend(journal_path))
-    return OptunaSearch(space=define_by_run(params), metric=s.metric, mode=s.mode, sampler=sampler,
+    return OptunaSearch(space=DefineByRun(params), metric=s.metric, mode=s.mode, sampler=sampler,
                         study_name=study.name, storage=storage)
 
 
@@ -95,14 +155,17 @@ def scheduler(study):
                          reduction_factor=s.reduction_factor)
 
 
-def build_tuner(study, params: dict[str, Param], base_job: dict, journal_path: str, callbacks: list,
-                progress) -> ray.tune.Tuner:
+def build_tuner(study, params: dict[str, Param], journal_path: str, runs: TrialRuns) -> ray.tune.Tuner:
+    """The search study's Tuner: Optuna (or a grid) and ASHA (or FIFO), trials tracked by ``runs``."""
+    quiet_tune_console()
     s = study.search
     search_alg = searcher(study, params, journal_path)
+    # Conditional parameters are absent from some trials, which the reporter cannot show.
+    progress = progress_reporter(s.metric, {n: n.split(".")[-1] for n, p in params.items() if not p.when})
     param_space = {name: ray.tune.grid_search(values) for name, values in grid(params).items()} \
         if search_alg is None else None
     return ray.tune.Tuner(
-        trainable(study, base_job),
+        trainable(study, study.job().model_dump(mode="json")),
         param_space=param_space,
         tune_config=ray.tune.TuneConfig(
             metric=s.metric, mode=s.mode, search_alg=search_alg, scheduler=scheduler(study),
@@ -112,7 +175,7 @@ def build_tuner(study, params: dict[str, Param], base_job: dict, journal_path: s
             trial_dirname_creator=lambda trial: f"trial_{trial.trial_id}",
         ),
         run_config=ray.tune.RunConfig(
-            name=study.name, storage_path=study.storage.path, callbacks=callbacks,
+            name=study.name, storage_path=study.storage.path, callbacks=[TrackingCallback(runs)],
             failure_config=ray.tune.FailureConfig(max_failures=s.max_failures),
             checkpoint_config=ray.tune.CheckpointConfig(num_to_keep=1),
             progress_reporter=progress, verbose=1,
@@ -120,8 +183,9 @@ def build_tuner(study, params: dict[str, Param], base_job: dict, journal_path: s
     )
 
 
-def restore_tuner(study_dir: str, study, base_job: dict) -> ray.tune.Tuner:
-    return ray.tune.Tuner.restore(study_dir, trainable=trainable(study, base_job),
+def restore_tuner(study_dir: str, study) -> ray.tune.Tuner:
+    quiet_tune_console()
+    return ray.tune.Tuner.restore(study_dir, trainable=trainable(study, study.job().model_dump(mode="json")),
                                   resume_unfinished=True, resume_errored=False)
 
 
@@ -139,11 +203,10 @@ def ablation_trainable(study, jobs: dict[str, dict]):
     return with_trial_resources(study, run_ablation_trial, jobs=jobs)
 
 
-def build_ablation_tuner(study, name: str, jobs: dict[str, dict], seeds: list[int], callbacks: list) -> ray.tune.Tuner:
+def build_ablation_tuner(study, name: str, jobs: dict[str, dict], seeds: list[int], runs: TrialRuns) -> ray.tune.Tuner:
     """One Tune grid over ``variant`` × ``seed``; every trial runs all epochs (FIFO)."""
-    progress = ray.tune.CLIReporter(
-        metric_columns={"training_iteration": "epoch", "loss": "loss", "rsum": "rsum"},
-        parameter_columns={"variant": "variant", "seed": "seed"}, max_report_frequency=30)
+    quiet_tune_console()
+    progress = progress_reporter("rsum", {"variant": "variant", "seed": "seed"})
     return ray.tune.Tuner(
         ablation_trainable(study, jobs),
         param_space={"variant": ray.tune.grid_search(list(jobs)), "seed": ray.tune.grid_search(list(seeds))},
@@ -154,7 +217,7 @@ def build_ablation_tuner(study, name: str, jobs: dict[str, dict], seeds: list[in
             trial_dirname_creator=lambda trial: f"trial_{trial.trial_id}",
         ),
         run_config=ray.tune.RunConfig(
-            name=name, storage_path=study.storage.path, callbacks=callbacks,
+            name=name, storage_path=study.storage.path, callbacks=[TrackingCallback(runs)],
             failure_config=ray.tune.FailureConfig(max_failures=study.search.max_failures),
             checkpoint_config=ray.tune.CheckpointConfig(num_to_keep=1),
             progress_reporter=progress, verbose=1,
@@ -163,5 +226,6 @@ def build_ablation_tuner(study, name: str, jobs: dict[str, dict], seeds: list[in
 
 
 def restore_ablation_tuner(ablation_dir: str, study, jobs: dict[str, dict]) -> ray.tune.Tuner:
+    quiet_tune_console()
     return ray.tune.Tuner.restore(ablation_dir, trainable=ablation_trainable(study, jobs),
                                   resume_unfinished=True, resume_errored=False)

@@ -11,9 +11,9 @@ import pandas as pd
 import pytest
 import yaml
 
-from study.ablation import plan_ablation, seeds_override, select_rows
-from study.table_render import display_frame, latex_escape, to_latex, to_markdown
-from study.tables import METRICS, Block, blocks_of, caption, summarise, welch_p
+from study.ablation.plan import plan_ablation, seeds_override, select_rows
+from study.ablation.render import display_frame, latex_escape, to_latex, to_markdown
+from study.ablation.stats import METRICS, Block, blocks_of, caption, summarise, welch_p
 from trainables.errors import ConfigError, DataError
 
 TEST = Block("test", "test split", "test_")
@@ -145,7 +145,7 @@ def test_seeds_option():
     ("ablation.seeds=[1, 1]", "repeats 1"),
 ])
 def test_malformed_plans_fail_before_ray_starts(smoke_study, monkeypatch, override, message):
-    import study.ablation_run as ablation_run
+    import study.ablation.run as ablation_run
 
     monkeypatch.setattr(ablation_run, "connect", lambda *a, **k: pytest.fail("Ray must not start"))
     study = smoke_study("method=dias", override)
@@ -155,7 +155,7 @@ def test_malformed_plans_fail_before_ray_starts(smoke_study, monkeypatch, overri
 
 
 def test_bad_data_fails_before_ray_starts(smoke_study, monkeypatch, tmp_path):
-    import study.ablation_run as ablation_run
+    import study.ablation.run as ablation_run
 
     monkeypatch.setattr(ablation_run, "connect", lambda *a, **k: pytest.fail("Ray must not start"))
     study = smoke_study("method=dias", f"data.root={tmp_path / 'empty'}")
@@ -201,8 +201,8 @@ def test_from_study_fixes_the_best_trials_values_on_every_row(smoke_study):
 def test_tiny_ablation_writes_three_formats_and_one_parent_four_children(smoke_study, ray_session):
     from mlflow.tracking import MlflowClient
 
-    from study.ablation_run import run_ablation
-    from study.report import build_report
+    from study.ablation.run import run_ablation
+    from study.report.build import build_report
 
     study = smoke_study("method=dias", "data.max_images=150", "train.epochs=1",
                         "ablation.variants=[base, full]", "ablation.seeds=[0, 1]")

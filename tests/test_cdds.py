@@ -7,10 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from trainables import cdds_losses as cl
 from trainables.config import JobConfig, ModelConfig, TrainConfig
 from trainables.errors import ConfigError
 from trainables.methods.cdds import SPEC, CddsModel, DualPathUNet, build
+from trainables.methods.cdds import losses as cl
 
 IMAGE_DIM = 20
 TERM_SWITCHES = {  # switch -> the terms it removes (noise has no term: see test_noise_only_in_training)
@@ -35,7 +35,7 @@ def one_thread():
 # Helpers and naive references
 # ---------------------------------------------------------------------------------------------
 
-def make_batch(batch: int = 4, regions: int = 5, text_lengths=(7, 3, 5, 1), seed: int = 0) -> dict:
+def build_batch(batch: int = 4, regions: int = 5, text_lengths=(7, 3, 5, 1), seed: int = 0) -> dict:
     """A batch in the loader's contract (docs/architecture.md) with odd counts, padding, a 1-token caption."""
     gen = torch.Generator().manual_seed(seed)
     lengths = torch.tensor(text_lengths[:batch])
@@ -179,20 +179,19 @@ def test_unet_without_modality_path_has_one_decoder():
 # Quantile mapping and distribution sampling (CDDS 3)
 # ---------------------------------------------------------------------------------------------
 
-def test_quantile_map_preserves_rank_order_and_target_values():
+def test_identity_sampling_preserves_rank_order_and_target_values():
     gen = torch.Generator().manual_seed(1)
     source, target = torch.randn(9, 4, generator=gen), 3 * torch.randn(6, 4, generator=gen) + 2
-    mapped = cl.quantile_map(source, target)
+    mapped = cl.distribution_sample(source, target, torch.eye(4))  # W = I: the plain quantile map
     assert mapped.shape == source.shape
     assert torch.equal(mapped.argsort(0), source.argsort(0))
     assert (mapped.amin(0) == target.amin(0)).all() and (mapped.amax(0) == target.amax(0)).all()
 
 
-def test_quantile_map_onto_itself_is_identity():
-    x = torch.randn(11, 5, generator=torch.Generator().manual_seed(2))
-    torch.testing.assert_close(cl.quantile_map(x, x), x)
-    torch.testing.assert_close(cl.quantile_map(x, x.flip(0)), x)  # only the target's values matter
-    torch.testing.assert_close(cl.distribution_sample(x, x, torch.eye(5)), x)
+def test_identity_sampling_onto_itself_is_identity():
+    x, eye = torch.randn(11, 5, generator=torch.Generator().manual_seed(2)), torch.eye(5)
+    torch.testing.assert_close(cl.distribution_sample(x, x, eye), x)
+    torch.testing.assert_close(cl.distribution_sample(x, x.flip(0), eye), x)  # only target values matter
 
 
 @pytest.mark.parametrize("n_source,n_target", [(7, 5), (5, 7), (6, 6), (1, 3), (4, 1)])
@@ -303,7 +302,8 @@ def test_gradcheck_related_semantics(relative):
 def test_gradcheck_quantile_mapping_through_gathered_values():
     source = torch.randn(7, 3, dtype=torch.float64)  # ranks only: no gradient by design
     target, logits = _inputs((5, 3), (3, 3))
-    assert torch.autograd.gradcheck(lambda t: cl.quantile_map(source, t), (target,))
+    eye = torch.eye(3, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda t: cl.distribution_sample(source, t, eye), (target,))
     assert torch.autograd.gradcheck(lambda t, w: cl.distribution_sample(source, t, w.softmax(1)), (target, logits))
 
 
@@ -321,7 +321,7 @@ def test_gradcheck_modality_and_completeness_losses():
 @pytest.mark.parametrize("depth", range(1, 7))
 def test_model_shapes_for_every_depth(depth):
     model = make_model(unet_depth=depth, noise_groups=2)
-    batch = make_batch()
+    batch = build_batch()
     out = model(batch)
     assert out["img_tokens"].shape == out["img_x"].shape == out["img_mod"].shape == (4, 5, 32)
     assert out["txt_tokens"].shape == out["txt_x"].shape == out["txt_mod"].shape == (4, 7, 32)
@@ -334,7 +334,7 @@ def test_model_shapes_for_every_depth(depth):
 @pytest.mark.parametrize("ablation", [a for a in SPEC.ablations if a.method == "cdds"], ids=lambda a: a.name)
 def test_loss_finite_and_every_parameter_learns(ablation):
     model = make_model(**ablation.overrides).train()
-    batch = make_batch()
+    batch = build_batch()
     losses = model.loss_terms(model(batch), batch["image_ids"], epoch=1)
     assert set(losses.weights) == set(losses.terms)
     total = losses.total()
@@ -345,7 +345,7 @@ def test_loss_finite_and_every_parameter_learns(ablation):
 
 def test_batch_of_two_has_no_nan():
     model = make_model().train()
-    batch = make_batch(batch=2, regions=1, text_lengths=(1, 2))
+    batch = build_batch(batch=2, regions=1, text_lengths=(1, 2))
     losses = model.loss_terms(model(batch), batch["image_ids"], epoch=1)
     assert all(torch.isfinite(v) for v in losses.terms.values())
     losses.total().backward()
@@ -354,7 +354,7 @@ def test_batch_of_two_has_no_nan():
 
 def test_terms_weights_and_stats():
     model = make_model(alpha_s=2.0, alpha_m=0.3, alpha_f=0.25)
-    batch = make_batch()
+    batch = build_batch()
     losses = model.loss_terms(model(batch), batch["image_ids"], epoch=1)
     assert losses.weights == {"s": 2.0, "m": 0.3, "f": 0.25, "x": 0.75}
     assert set(losses.stats) == {"density_img", "density_txt", "threshold_alpha", "w_s", "w_m", "w_x"}
@@ -364,7 +364,7 @@ def test_terms_weights_and_stats():
 
 @pytest.mark.parametrize("switch", sorted(TERM_SWITCHES))
 def test_every_switch_removes_its_term(switch):
-    batch = make_batch()
+    batch = build_batch()
     full = make_model().eval()  # eval: no noise, so both models see the same tokens
     ablated = make_model(**{switch: False}).eval()
     missing, _ = ablated.load_state_dict(full.state_dict(), strict=False)
@@ -380,7 +380,7 @@ def test_every_switch_removes_its_term(switch):
 
 
 def test_without_sampling_aligns_semantic_components_directly():
-    batch = make_batch()
+    batch = build_batch()
     model = make_model(use_sampling=False).eval()
     out = model(batch)
     assert "img_x" not in out and "density_img" not in out
@@ -390,7 +390,7 @@ def test_without_sampling_aligns_semantic_components_directly():
 
 
 def test_without_decoupling_uses_the_backbone_tokens():
-    batch = make_batch()
+    batch = build_batch()
     model = make_model(decouple=False).eval()
     out = model(batch)
     assert not any(name.startswith(("image_unet", "text_unet")) for name, _ in model.named_parameters())
@@ -401,7 +401,7 @@ def test_without_decoupling_uses_the_backbone_tokens():
 
 
 def test_noise_only_in_training():
-    batch = make_batch()
+    batch = build_batch()
     model = make_model(noise_groups=3, noise_std=0.5)
     model.eval()
     torch.testing.assert_close(model(batch)["img_emb"], model(batch)["img_emb"], rtol=0, atol=0)
@@ -413,7 +413,7 @@ def test_noise_only_in_training():
 
 
 def test_encoders_are_per_modality_and_per_sample():
-    batch = make_batch()
+    batch = build_batch()
     model = make_model().eval()
     with torch.no_grad():
         out = model(batch)

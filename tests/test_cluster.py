@@ -19,7 +19,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from study.engine import study_dir_of
+from study.layout import study_dir_of
 from trainables.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -24,11 +24,12 @@ from trainables.data.precomp import (
     CaptionLines,
     PrecompSplit,
     check_dataset,
+    check_eval_protocol,
     scan_finite,
     validate_split,
 )
 from trainables.data.synth import write_synth
-from trainables.errors import DataError
+from trainables.errors import ConfigError, DataError
 from trainables.text_models import load_tokenizer
 
 
@@ -131,13 +132,16 @@ def test_caption_lines_reject_bad_utf8_with_the_byte_offset(tmp_path):
         CaptionLines(path, chunk_bytes=4)
 
 
-def test_testall_folds_cover_5k_in_five_1k_folds(tmp_path):
-    tiny_split(tmp_path, "testall", n=5000, ims=np.zeros((5000, 1, 1), np.float32))
-    split = PrecompSplit(tmp_path, "testall")
-    folds = split.folds()
-    assert len(folds) == 5
-    assert folds[2] == (slice(2000, 3000), slice(10000, 15000))
-    assert sum(len(split.captions[caps]) for _, caps in folds) == 25000
+def test_coco_5fold_needs_a_test_split_of_whole_1k_folds(tmp_path):
+    tiny_split(tmp_path, "testall", n=2000, ims=np.zeros((2000, 1, 1), np.float32))
+    coco = DataConfig(root=str(tmp_path), test_split="testall", eval_protocol="coco_5fold")
+    check_eval_protocol(coco)  # two whole folds
+    check_eval_protocol(coco.model_copy(update={"max_images": 1000}))
+    with pytest.raises(ConfigError, match=r"coco_5fold needs whole folds of 1000 images, but test split "
+                                          r"'testall' has 1500; use eval_protocol: full"):
+        check_eval_protocol(coco.model_copy(update={"max_images": 1500}))
+    check_eval_protocol(DataConfig(root=str(tmp_path), test_split="testall", max_images=1500))  # full
+    check_eval_protocol(coco.model_copy(update={"test_split": ""}))  # no test split: nothing to score
 
 
 def test_check_dataset_summarises_the_existing_splits(synth_root):
@@ -388,7 +392,5 @@ def test_replica_shards_are_disjoint_with_equal_counts(cls):
 
 
 def test_too_few_captions_for_the_replicas_is_a_config_error():
-    from trainables.errors import ConfigError
-
     with pytest.raises(ConfigError, match="fewer than one batch"):
         UniqueImageBatchSampler(2, 1, 4, num_replicas=4, rank=0)

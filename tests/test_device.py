@@ -4,12 +4,7 @@ same training step on CPU so the mixed-precision path is exercised without a GPU
 import torch
 
 from tests.test_methods import IMAGE_DIM, job_for, random_batch
-from trainables.device import (
-    autocast,
-    autocast_dtype,
-    choose_device,
-    distributed_backend,
-)
+from trainables.device import autocast, autocast_dtype, choose_device
 from trainables.loop import TrainStep
 from trainables.methods import METHODS, build_model
 
@@ -20,10 +15,9 @@ def test_precision_policy():
     assert autocast_dtype(cuda, "fp32") is None and autocast_dtype(cpu, "bf16") == torch.bfloat16
 
 
-def test_device_and_backend_follow_the_hardware():
+def test_device_follows_the_hardware():
     expected = "cuda" if torch.cuda.is_available() else "cpu"
     assert choose_device().type == expected
-    assert distributed_backend() == ("nccl" if torch.cuda.is_available() else "gloo")
 
 
 def test_bf16_autocast_training_step_is_finite_for_every_method():

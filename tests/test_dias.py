@@ -8,11 +8,11 @@ import pytest
 import torch
 from torch.autograd import gradcheck
 
-from trainables import dias_losses as dl
 from trainables.config import JobConfig, ModelConfig
 from trainables.errors import ConfigError
 from trainables.methods import get_method
 from trainables.methods.dias import DiasConfig
+from trainables.methods.dias import losses as dl
 from trainables.text_models import load_tokenizer
 
 f64 = torch.float64
@@ -352,7 +352,7 @@ def make_model(**params):
     return spec.build(job, IMAGE_DIM).eval()  # eval: no dropout, so two builds compare exactly
 
 
-def make_batch(b=6, regions=5, length=9, seed=0, identical=False):
+def build_batch(b=6, regions=5, length=9, seed=0, identical=False):
     gen = torch.Generator().manual_seed(seed)
     vocab = load_tokenizer("tiny").vocab_size
     lengths = torch.randint(3, length + 1, (b,), generator=gen)
@@ -376,10 +376,10 @@ def run(model, batch):
 
 
 def test_model_loss_finite_and_gradients_reach_every_parameter():
-    model, batch = make_model(), make_batch()
+    model, batch = make_model(), build_batch()
     out, loss = run(model, batch)
-    assert set(loss.terms) == {"loc", "dim", "inter", "intra"}
-    assert loss.weights == {"loc": 1.0, "dim": 10.0, "inter": 0.05, "intra": 0.1}
+    assert set(loss.terms) == {"align", "dim", "inter", "intra"}
+    assert loss.weights == {"align": 1.0, "dim": 10.0, "inter": 0.05, "intra": 0.1}
     assert 0 < loss.stats["mask_density"] < 1 and loss.stats["sparsity_k"] == 1.0
     total = loss.total()
     assert torch.isfinite(total)
@@ -391,7 +391,7 @@ def test_model_loss_finite_and_gradients_reach_every_parameter():
 
 
 def test_retrieval_embeddings_are_per_modality():
-    model, batch = make_model(), make_batch()
+    model, batch = make_model(), build_batch()
     out = model(batch)
     alone = model.encode_image(batch["images"], batch["region_mask"])["emb"]
     torch.testing.assert_close(out["img_emb"], alone)
@@ -400,7 +400,7 @@ def test_retrieval_embeddings_are_per_modality():
 
 
 def test_same_image_pairs_get_no_weight():
-    model, batch = make_model(), make_batch()
+    model, batch = make_model(), build_batch()
     out = model(batch)
     weight = model.pair_weights(model.similarity(out["img_emb"], out["txt_emb"]), batch["image_ids"])
     assert weight[2, 3] == 0 and weight[3, 2] == 0 and weight.diagonal().eq(0).all()
@@ -409,7 +409,7 @@ def test_same_image_pairs_get_no_weight():
 @pytest.mark.parametrize("switch,removed",
                          [("use_dim", {"dim"}), ("use_inter", {"inter"}), ("use_intra", {"intra"})])
 def test_each_switch_removes_its_term(switch, removed):
-    batch = make_batch()
+    batch = build_batch()
     _, full = run(make_model(), batch)
     _, ablated = run(make_model(**{switch: False}), batch)
     assert set(ablated.terms) == set(full.terms) - removed
@@ -418,7 +418,7 @@ def test_each_switch_removes_its_term(switch, removed):
 
 
 def test_without_sparsity_every_unmatched_pair_counts():
-    batch = make_batch()
+    batch = build_batch()
     _, full = run(make_model(), batch)
     model = make_model(use_sparse=False)
     _, dense = run(model, batch)
@@ -430,8 +430,8 @@ def test_without_sparsity_every_unmatched_pair_counts():
 
 
 def test_without_spatial_terms_only_loc_and_dim_remain():
-    _, loss = run(make_model(use_inter=False, use_intra=False), make_batch())
-    assert set(loss.terms) == {"loc", "dim"} and "mask_density" not in loss.stats
+    _, loss = run(make_model(use_inter=False, use_intra=False), build_batch())
+    assert set(loss.terms) == {"align", "dim"} and "mask_density" not in loss.stats
 
 
 @pytest.mark.parametrize("params,learnable", [({}, True), ({"sparsity_learnable": False}, False),
@@ -444,7 +444,7 @@ def test_k_is_a_parameter_only_when_learnable(params, learnable):
 
 @pytest.mark.parametrize("variant", DIM_VARIANTS)
 @pytest.mark.parametrize("mode", ["soft", "hard"])
-@pytest.mark.parametrize("batch", [make_batch(b=2), make_batch(identical=True)], ids=["batch2", "identical"])
+@pytest.mark.parametrize("batch", [build_batch(b=2), build_batch(identical=True)], ids=["batch2", "identical"])
 def test_no_nan_with_batch_of_two_or_identical_pairs(variant, mode, batch):
     model = make_model(dim_loss=variant, sparsity_mode=mode).train()
     _, loss = run(model, batch)

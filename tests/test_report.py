@@ -17,7 +17,7 @@ from optuna.storages.journal import JournalFileBackend
 
 from study import tracking
 from study.cli import main
-from study.report import build_report
+from study.report.build import build_report
 from trainables.errors import ConfigError
 
 LR = {"type": "loguniform", "low": 1e-5, "high": 1e-2}
@@ -107,7 +107,7 @@ def test_report_of_something_that_is_not_a_study_is_one_line(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_report_of_a_finished_tpe_study(smoke_study, ray_session, capsys):
-    from study.engine import run_study
+    from study.search import run_study
 
     study = smoke_study("data.max_images=150", "train.epochs=1", "search.num_samples=3", "search.scheduler=fifo")
     outcome = run_study(study)

@@ -6,7 +6,7 @@ import optuna
 import pytest
 
 from study.config import load_study
-from study.spaces import define_by_run, grid, resolve_space
+from study.spaces import DefineByRun, grid, resolve_space
 from trainables.errors import ConfigError
 from trainables.methods import METHODS
 
@@ -30,7 +30,7 @@ def test_conditional_parameter_only_when_its_parent_allows(tmp_path):
     params = resolve_space(study_for(tmp_path, "base"))
     assert params["train.margin"].when == {"train.loss": "triplet"}
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
-    space = define_by_run(params)
+    space = DefineByRun(params)
     for _ in range(30):
         trial = study.ask()
         space(trial)

@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from study.engine import resume_study, run_study
+from study.search import resume_study, run_study
 
 pytestmark = pytest.mark.slow
 QUICK = ["data.max_images=150", "resources.max_concurrent_trials=2"]
@@ -36,7 +36,7 @@ def test_four_trial_study_lands_in_mlflow(smoke_study, ray_session):
     client = MlflowClient(study.tracking.uri)
     for kid in kids:
         assert "train.lr" in kid.data.params and kid.data.params["data.max_images"] == "150"
-        assert kid.data.tags["status"] in ("completed", "early-stopped by ASHA at epoch 1")
+        assert kid.data.tags["status"] in ("completed", "early-stopped")
         curve = client.get_metric_history(kid.info.run_id, "rsum")
         assert 1 <= len(curve) <= study.train.epochs and "gap_centroid_dist" in kid.data.metrics
     best = [k for k in kids if k.data.tags.get("best") == "true"]

@@ -12,9 +12,9 @@ from trainables.data.precomp import PrecompSplit, check_dataset
 from trainables.data.synth import (
     OBJECTS,
     SynthParams,
+    build_world,
     caption,
     image_features,
-    make_world,
     sample_scene,
     scene_latents,
     write_synth,
@@ -107,7 +107,7 @@ def test_gap_is_a_constant_image_offset(tmp_path):
 def object_probe_accuracy(noise: float, n_train: int = 800, n_test: int = 200) -> float:
     """Ridge probe from mean-pooled regions to the scene's objects: top-n precision on held-out images."""
     params = SynthParams(noise=noise, regions=8, feature_dim=64)
-    world, rng = make_world(0, 64), np.random.default_rng(0)
+    world, rng = build_world(0, 64), np.random.default_rng(0)
     scenes = [sample_scene(rng, params) for _ in range(n_train + n_test)]
     latents = np.stack([scene_latents(world, s, params.regions, rng) for s in scenes])
     x = image_features(world, latents, params, rng).mean(axis=1).astype(np.float64)

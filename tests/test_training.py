@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
+from trainables.config import DataConfig, JobConfig, ModelConfig
 from trainables.data import PrecompSplit, build_eval_loaders
+from trainables.errors import ConfigError
 from trainables.evaluation import evaluate
-from trainables.loop import fit, seed_everything
+from trainables.loop import evaluate_test, fit, seed_everything
 from trainables.methods import build_model
 from trainables.reporters import LocalReporter
 from trainables.text_models import load_tokenizer
@@ -45,18 +48,40 @@ def test_non_finite_loss_stops_the_run_with_a_clear_error(smoke_study, tmp_path)
 
 @pytest.mark.slow
 def test_ray_train_two_workers_improve_rsum_and_resume(smoke_study, ray_session, tmp_path):
-    from study.training import resources_of
-    from trainables.ray_train import make_trainer
+    from study.train import resources_of
+    from trainables.ray_train import train_job
 
     study = smoke_study("resources.workers_per_trial=2", "train.epochs=1")
     job = study.job()
-    trainer = make_trainer(job, resources_of(study), name="ddp", storage_path=str(tmp_path / "ray"))
-    result = trainer.fit()
-    assert result.error is None and len(result.return_value) == 1
+    first = train_job(job, resources_of(study), name="ddp", storage_path=str(tmp_path / "ray"))
+    assert len(first) == 1
     # Same run name, more epochs: Ray Train hands the latest checkpoint back and training continues.
     job2 = smoke_study("resources.workers_per_trial=2", "train.epochs=2").job()
-    result2 = make_trainer(job2, resources_of(study), name="ddp", storage_path=str(tmp_path / "ray")).fit()
-    history = result2.return_value
+    history = train_job(job2, resources_of(study), name="ddp", storage_path=str(tmp_path / "ray"))
     assert [m["epoch"] for m in history] == [1, 2]
-    assert history[0]["rsum"] == result.return_value[0]["rsum"]
+    assert history[0]["rsum"] == first[0]["rsum"]
     assert history[-1]["rsum"] > untrained_rsum(job) + 30
+
+
+@pytest.mark.parametrize("protocol", ["full", "coco_5fold"])
+def test_the_test_split_protocol_comes_from_the_config(tmp_path, protocol):
+    """2,000 test images: whether the 1K folds are reported is data.eval_protocol's decision alone
+    (the image count once decided it, and 2,000 images fell below its 5,000-image guess)."""
+    n, k = 2000, 5
+    np.save(tmp_path / "test_ims.npy", np.random.default_rng(0).standard_normal((n, 2, 6)).astype(np.float32))
+    (tmp_path / "test_caps.txt").write_text("".join(f"c {j}\n" for j in range(k * n)))
+    job = JobConfig(data=DataConfig(root=str(tmp_path), eval_protocol=protocol),
+                    model=ModelConfig(text_encoder="tiny", embed_dim=16))
+    split = PrecompSplit(tmp_path, "test")
+    model = build_model(job, split.feature_dim)
+    metrics = evaluate_test(model, job, split, load_tokenizer("tiny"), torch.device("cpu"))
+    assert "test_rsum" in metrics
+    assert ("test_1k_rsum" in metrics) == (protocol == "coco_5fold")
+
+
+def test_coco_5fold_on_a_test_split_of_partial_folds_fails_before_training(smoke_study, tmp_path):
+    job = smoke_study("data.eval_protocol=coco_5fold").job()  # the smoke test split has 200 images
+    reporter = LocalReporter(tmp_path / "run")
+    with pytest.raises(ConfigError, match="coco_5fold needs whole folds of 1000 images.*has 200"):
+        fit(job, reporter)
+    assert reporter.history == []

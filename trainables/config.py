@@ -31,6 +31,10 @@ class DataConfig(Section):
     unique_images: bool = True  # batch sampler never puts two captions of one image in a batch
     max_text_len: PositiveInt = 40
     num_workers: int = Field(0, ge=0)
+    # How the test split is scored. full: retrieval over the whole split. coco_5fold: COCO's 5K test
+    # reported as the whole 5K AND as the mean of five 1K folds (keys ``1k_*``); the test split must be
+    # whole folds of 1,000 images (trainables.data.check_eval_protocol).
+    eval_protocol: Literal["full", "coco_5fold"] = "full"
 
 
 class ModelConfig(Section):

@@ -27,7 +27,3 @@ def autocast(device: torch.device, precision: str):
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def distributed_backend() -> str:
-    return "nccl" if torch.cuda.is_available() else "gloo"

@@ -24,8 +24,10 @@ from trainables.data import (
     PrecompSplit,
     build_eval_loaders,
     build_train_loader,
+    check_eval_protocol,
     set_epoch,
 )
+from trainables.data.precomp import FOLD_IMAGES
 from trainables.device import autocast, choose_device
 from trainables.errors import NonFiniteLossError
 from trainables.evaluation import evaluate
@@ -56,6 +58,8 @@ class Splits:
 def open_splits(job: JobConfig) -> Splits:
     data = job.data
     test = PrecompSplit(data.root, data.test_split, data.max_images) if data.test_split else None
+    if test is not None:
+        check_eval_protocol(data, test)  # now, not after the last epoch
     return Splits(PrecompSplit(data.root, data.train_split, data.max_images),
                   PrecompSplit(data.root, data.val_split, data.max_images), test)
 
@@ -124,8 +128,8 @@ def fit(job: JobConfig, reporter: Reporter, device: torch.device | None = None) 
 
 def evaluate_test(model: ITMModel, job: JobConfig, split: PrecompSplit, tokenizer, device) -> dict[str, float]:
     loaders = build_eval_loaders(job.data, split, tokenizer, job.train.eval_batch_size)
-    coco_folds = split.n_images >= 5000 and split.n_images % 1000 == 0
-    result = evaluate(model, *loaders, device, split.captions_per_image, coco_folds=coco_folds,
+    result = evaluate(model, *loaders, device, split.captions_per_image,
+                      coco_folds=job.data.eval_protocol == "coco_5fold", fold_images=FOLD_IMAGES,
                       score_fn=model.similarity)
     return {f"test_{name}": value for name, value in result.items()}
 

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from trainables.config import ModelConfig, TrainConfig
 from trainables.encoders import ImageEncoder, TextEncoder
 from trainables.losses import hinge_triplet, infonce, same_image_mask
-from trainables.pooling import make_pooling
+from trainables.pooling import build_pooling
 
 
 @dataclass
@@ -58,8 +58,8 @@ class ITMModel(nn.Module):
         super().__init__()
         self.image_encoder = ImageEncoder(image_dim, model.embed_dim)
         self.text_encoder = TextEncoder(model.text_encoder, model.embed_dim, freeze=model.freeze_text)
-        self.image_pool = make_pooling(model.pooling)
-        self.text_pool = make_pooling(model.pooling)
+        self.image_pool = build_pooling(model.pooling)
+        self.text_pool = build_pooling(model.pooling)
         self.align = AlignmentLoss.from_config(train)
 
     def encode_image(self, images: Tensor, region_mask: Tensor) -> dict[str, Tensor]:

@@ -77,7 +77,7 @@ class GPO(nn.Module):
 POOLINGS = {"mean": MeanPool, "max": MaxPool, "gpo": GPO}
 
 
-def make_pooling(name: str) -> nn.Module:
+def build_pooling(name: str) -> nn.Module:
     if name not in POOLINGS:
         raise ConfigError(f"model.pooling: unknown {name!r}; choose one of {', '.join(POOLINGS)}")
     return POOLINGS[name]()

@@ -2,7 +2,7 @@
 
 - ``train_loop_per_worker`` runs ``fit`` in every Ray Train worker (DDP process group set up by
   ``TorchTrainer``: gloo on CPU, NCCL on CUDA);
-- ``make_trainer`` builds the ``TorchTrainer`` for a job (used by ``study train`` and by a Tune trial
+- ``build_trainer`` builds the ``TorchTrainer`` for a job (used by ``study train`` and by a Tune trial
   with several workers);
 - ``TuneReporter`` lets a Tune trial run ``fit`` directly (the one-worker path, no Train start-up).
 """
@@ -12,11 +12,13 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+import ray.exceptions
 import ray.train
 import ray.tune
 from ray.train.torch import TorchTrainer
 
 from trainables.config import JobConfig
+from trainables.errors import ITMError
 from trainables.loop import fit
 
 
@@ -76,8 +78,8 @@ def train_loop_per_worker(config: dict) -> list[dict[str, float]]:
     return fit(JobConfig(**config["job"]), RayTrainReporter())
 
 
-def make_trainer(job: JobConfig, resources: WorkerResources, name: str, storage_path: str,
-                 max_failures: int = 0, callbacks: list | None = None) -> TorchTrainer:
+def build_trainer(job: JobConfig, resources: WorkerResources, name: str, storage_path: str,
+                  max_failures: int = 0, callbacks: list | None = None) -> TorchTrainer:
     """A ``TorchTrainer`` for ``job``; re-running with the same ``name`` and ``storage_path``
     resumes from the run's latest checkpoint."""
     use_gpu = resources.gpus_per_worker > 0
@@ -96,3 +98,22 @@ def make_trainer(job: JobConfig, resources: WorkerResources, name: str, storage_
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),  # the CLI prints its own summary
         ),
     )
+
+
+def train_job(job: JobConfig, resources: WorkerResources, name: str, storage_path: str) -> list[dict[str, float]]:
+    """Run ``job`` on Ray Train; returns ``fit``'s per-epoch history. A failure in a worker (Ray Train
+    V2 raises it from ``fit()`` itself, or returns it on the result) becomes one ``ITMError`` line."""
+    try:
+        result = build_trainer(job, resources, name=name, storage_path=storage_path).fit()
+        error = result.error
+    except ray.exceptions.RayError as err:  # e.g. WorkerGroupError, ActorDiedError
+        error = err
+    if error is not None:
+        raise ITMError(f"training failed: {last_line(error)}") from None
+    return list(result.return_value or [])
+
+
+def last_line(error: BaseException) -> str:
+    """The last non-empty line of an error: Ray prints the worker's own exception last."""
+    lines = [line for line in (str(error).strip() or type(error).__name__).splitlines() if line.strip()]
+    return lines[-1].strip()[:500]

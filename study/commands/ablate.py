@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from study.ablation import seeds_override
+from study.ablation.plan import seeds_override
 from study.commands import add_address, add_overrides
 from study.config import load_study
 from trainables.errors import ConfigError
@@ -23,7 +23,7 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from study.ablation_run import (  # imports Ray: keep --help and errors fast
+    from study.ablation.run import (  # imports Ray: keep --help and errors fast
         resume_ablation,
         run_ablation,
     )

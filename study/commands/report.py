@@ -11,7 +11,7 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from study.report import build_report  # imports matplotlib/Optuna: keep --help fast
+    from study.report.build import build_report  # imports matplotlib/Optuna: keep --help fast
 
     report = build_report(args.study_dir, top=args.top)
     print(report.markdown)

@@ -14,7 +14,8 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from study.engine import load_study_dir, resume_study
+    from study.layout import load_study_dir
+    from study.search import resume_study
 
     study = load_study_dir(args.study_dir)[0]
     return report(resume_study(args.study_dir, address=args.address), study)

@@ -15,7 +15,7 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from study.engine import run_study
+    from study.search import run_study
 
     study = load_study(args.study, args.overrides)
     return report(run_study(study, address=args.address), study)
@@ -23,7 +23,7 @@ def run(args) -> int:
 
 def write_report(study_dir) -> str:
     """The study report (tables, Optuna plots, one HTML page); a failure here never hides results."""
-    from study.report import build_report
+    from study.report.build import build_report
 
     try:
         return str(build_report(study_dir).out_dir / "index.html")

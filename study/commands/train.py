@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from study.commands import add_address, add_overrides
 from study.config import load_study
-from study.output import print_metrics
+from study.results import RETRIEVAL
 
 
 def add_parser(sub) -> None:
@@ -18,9 +18,7 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from study.training import (
-        run_training,  # imports Ray: keep `--help` and config errors fast
-    )
+    from study.train import run_training  # imports Ray: keep `--help` and config errors fast
 
     study = load_study(args.study, args.overrides)
     result = run_training(study, address=args.address, resume=args.resume)
@@ -28,3 +26,15 @@ def run(args) -> int:
     print(f"\nrun directory : {result.run_dir}")
     print(f"MLflow        : mlflow ui --backend-store-uri {study.tracking.uri}  (run '{result.run_name}')")
     return 0
+
+
+def print_metrics(metrics: dict[str, float], title: str) -> None:
+    """Validation (and test, when present) retrieval metrics as a small aligned table."""
+    print(title)
+    rows = [("val", "")]
+    if any(f"test_{key}" in metrics for key in RETRIEVAL):
+        rows.append(("test", "test_"))
+    print(f"{'split':<6}" + "".join(f"{key:>9}" for key in RETRIEVAL))
+    for label, prefix in rows:
+        cells = "".join(f"{metrics.get(prefix + key, float('nan')):>9.1f}" for key in RETRIEVAL)
+        print(f"{label:<6}{cells}")

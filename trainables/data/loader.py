@@ -11,8 +11,8 @@ Training batch (``build_train_loader``), one row per caption:
 
 Evaluation (``build_eval_loaders``) encodes the two sides separately, both in split order: an image
 loader (``images``, ``region_mask`` all True, ``image_ids``) and a caption loader (``input_ids``,
-``attention_mask``, ``image_ids``), so N image embeddings and k·N caption embeddings line up with
-``PrecompSplit.folds()``.
+``attention_mask``, ``image_ids``), so N image embeddings and k·N caption embeddings line up with the
+1K folds of ``trainables.evaluation.coco_5fold_metrics``.
 
 All randomness (shuffling, region dropout) is a pure function of ``(seed, epoch, index)``, so results do
 not depend on ``num_workers`` or on the global RNG; call :func:`set_epoch` before every epoch.

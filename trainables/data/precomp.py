@@ -23,6 +23,7 @@ from typing import NamedTuple, overload
 
 import numpy as np
 
+from trainables.config import DataConfig
 from trainables.errors import ConfigError, DataError
 
 # F30K uses train/dev/test, COCO train/dev/testall (5K, evaluated as 5 folds of 1K and as a whole).
@@ -262,16 +263,6 @@ class PrecompSplit:
     def image_of_caption(self, j: int) -> int:
         return j // self.captions_per_image
 
-    def folds(self, fold_images: int = FOLD_IMAGES) -> list[tuple[slice, slice]]:
-        """``(image_slice, caption_slice)`` per fold of ``fold_images`` images (COCO 5-fold 1K on testall).
-
-        Slice rows of the image embeddings and caption embeddings; a trailing partial fold is dropped,
-        as in the reference evaluation, so testall (5,000 images) gives exactly 5 folds.
-        """
-        k = self.captions_per_image
-        return [(slice(start, start + fold_images), slice(k * start, k * (start + fold_images)))
-                for start in range(0, self.n_images - fold_images + 1, fold_images)]
-
     def __repr__(self) -> str:
         return (f"PrecompSplit({str(self.root)!r}, {self.split!r}: {self.n_images} images x {self.n_regions} "
                 f"regions x {self.feature_dim}-d, {self.n_captions} captions)")
@@ -309,6 +300,22 @@ def validate_split(root: str | Path, split: str, scan_features: bool = True) -> 
         "dtype": str(data.images.dtype),
         "ids": data.n_ids_on_disk,
     }
+
+
+def check_eval_protocol(data: DataConfig, test: PrecompSplit | None = None) -> None:
+    """``data.eval_protocol: coco_5fold`` needs a test split of whole ``FOLD_IMAGES``-image folds.
+
+    ``test``: the opened test split if the caller has it (else it is opened here, cheap checks only).
+    Raises a one-line ConfigError; nothing to check for ``full`` or without a test split.
+    """
+    if data.eval_protocol != "coco_5fold" or not data.test_split:
+        return
+    if test is None:
+        test = PrecompSplit(data.root, data.test_split, data.max_images)
+    if test.n_images % FOLD_IMAGES:
+        raise ConfigError(f"data.eval_protocol: coco_5fold needs whole folds of {FOLD_IMAGES} images, but "
+                          f"test split {data.test_split!r} has {test.n_images}; use eval_protocol: full "
+                          f"or COCO's {5 * FOLD_IMAGES}-image testall without max_images")
 
 
 def check_dataset(root: str | Path, splits: list[str] | None = None, scan_features: bool = True) -> list[dict]:

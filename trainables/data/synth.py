@@ -141,7 +141,7 @@ class World:
         return out.reshape(*latents.shape[:-1], self.w2.shape[1])
 
 
-def make_world(world_seed: int, feature_dim: int) -> World:
+def build_world(world_seed: int, feature_dim: int) -> World:
     """Draw the embeddings, role rotations, random MLP and modality offset from ``world_seed`` alone."""
     rng = np.random.default_rng(np.random.SeedSequence([world_seed, 7919]))
 
@@ -309,7 +309,7 @@ def write_synth(out: str | Path, images: int = 2000, seed: int = 0, regions: int
     p = SynthParams(images=images, seed=seed, regions=regions, feature_dim=feature_dim, gap=gap, noise=noise,
                     **knobs)
     p.validate()
-    world = make_world(p.world_seed, p.feature_dim)
+    world = build_world(p.world_seed, p.feature_dim)
     seeds = np.random.SeedSequence([p.seed, 104729]).spawn(len(SPLITS))
     sizes = p.split_sizes()
     files: dict[str, bytes | np.ndarray] = {}

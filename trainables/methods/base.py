@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from trainables.config import JobConfig
-from trainables.methods import Ablation, MethodSpec
+from trainables.methods.spec import Ablation, MethodSpec
 from trainables.model import ITMModel
 
 
@@ -15,5 +15,4 @@ SPEC = MethodSpec(
     name="base",
     build=build,
     ablations=(Ablation("base", "base"),),
-    description="pooled embeddings + hinge triplet (VSE∞-style); control row of every ablation",
 )

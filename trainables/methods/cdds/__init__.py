@@ -3,16 +3,16 @@
 Ma et al., "Aligning the True Semantics: Constrained Decoupling and Distribution Sampling for
 Cross-Modal Alignment", AAAI 2026. ``L = α_s L_s + α_m L_m + α_f L_f + (1 − α_f) L_x`` (paper Eq. 15).
 Files: ``config.py`` (the ``cdds:`` section), ``unet.py`` (dual-path UNet), ``model.py`` (the model),
-``trainables/cdds_losses.py`` (the pure maths). docs/methods.md "CDDS" lists known vs reconstructed.
+``losses.py`` (the pure maths). docs/methods.md "CDDS" lists known vs reconstructed.
 """
 
 from __future__ import annotations
 
 from trainables.config import JobConfig
-from trainables.methods import Ablation, MethodSpec
 from trainables.methods.cdds.config import CddsConfig
 from trainables.methods.cdds.model import CddsModel
 from trainables.methods.cdds.unet import DualPathUNet, UNetDecoder
+from trainables.methods.spec import Ablation, MethodSpec
 
 __all__ = ["SPEC", "CddsConfig", "CddsModel", "DualPathUNet", "UNetDecoder", "build"]
 
@@ -37,6 +37,4 @@ SPEC = MethodSpec(
         Ablation("w/o sampling", "cdds", {"use_sampling": False}),
         Ablation("base", "base"),
     ),
-    description="CDDS (AAAI 2026): dual-path UNet decoupling + related-semantics distribution sampling; "
-                "L_s + L_m + completeness L_f, L_x",
 )

@@ -1,6 +1,6 @@
 """The CDDS model: the base encoders, a dual-path UNet per modality, related-semantics identification
 and distribution sampling on the training path (METHODS.md "CDDS"; the maths is in
-``trainables/cdds_losses.py``).
+``losses.py``).
 
 Retrieval uses the pooled *semantic* components: ``encode_image`` / ``encode_text`` each run one
 modality's UNet alone (no batch statistics, no noise in eval), so evaluation can encode 5K images and
@@ -13,14 +13,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from trainables import cdds_losses as cl
 from trainables.config import ModelConfig, TrainConfig
+from trainables.methods.cdds import losses as cl
 from trainables.methods.cdds.config import CddsConfig
 from trainables.methods.cdds.unet import DualPathUNet
 from trainables.model import ITMModel, LossOutput
 
 
-def make_unet(width: int, params: CddsConfig) -> DualPathUNet:
+def build_unet(width: int, params: CddsConfig) -> DualPathUNet:
     groups, std = (params.noise_groups, params.noise_std) if params.use_noise else (1, 0.0)
     return DualPathUNet(width, params.num_heads, params.unet_depth, groups, std, params.has_modality_path())
 
@@ -43,8 +43,8 @@ class CddsModel(ITMModel):
         self.params = params
         width = model.embed_dim
         if params.decouple:
-            self.image_unet = make_unet(width, params)
-            self.text_unet = make_unet(width, params)
+            self.image_unet = build_unet(width, params)
+            self.text_unet = build_unet(width, params)
         if params.use_sampling:
             for side in ("img", "txt"):
                 self.add_threshold(f"threshold_{side}", width)

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from study.config import validate
-from study.spaces import apply_params
+from study.config import apply_params
+from study.layout import RESULTS_FILE, load_study_dir
+from study.results import best_trial
 from trainables.errors import ConfigError
 from trainables.methods import Ablation, get_method
 
@@ -69,18 +70,12 @@ def check_seeds(seeds: list[int]) -> tuple[int, ...]:
 
 def row_study(study, row: Ablation):
     """The study as ``row`` runs it: its method (the base row switches method) with its overrides."""
-    raw = study.model_dump(mode="json")
-    raw["method"] = row.method
-    if row.overrides:
-        raw[row.method] = {**raw.get(row.method, {}), **row.overrides}
-    return validate(raw, f"ablation row {row.name!r}")
+    values = {"method": row.method, **{f"{row.method}.{key}": value for key, value in row.overrides.items()}}
+    return apply_params(study, values, f"ablation row {row.name!r}")
 
 
 def find_study_dir(ref: str, storage_path: str) -> Path:
     """``--from-study``: a study directory, or a study name under the file's ``storage.path``."""
-    from study.engine import (
-        RESULTS_FILE,  # the engine imports Ray: keep config errors fast
-    )
     for candidate in (Path(ref).expanduser(), Path(storage_path) / ref):
         if (candidate / RESULTS_FILE).is_file():
             return candidate.resolve()
@@ -90,23 +85,19 @@ def find_study_dir(ref: str, storage_path: str) -> Path:
 
 def best_trial_values(study_dir: Path, method: str) -> tuple[dict, dict]:
     """The best trial's searched values (by that study's metric and mode) and where they came from."""
-    from study.engine import RESULTS_FILE, load_study_dir
     source, params, study_dir, _ = load_study_dir(study_dir)
     if source.method != method:
         raise ConfigError(f"--from-study {study_dir}: that study searched method {source.method!r}, "
                           f"this ablation is of {method!r}")
     table = pd.read_csv(study_dir / RESULTS_FILE, dtype={"trial_id": str})  # hex ids like "1e50a3b2" are not numbers
     metric = source.search.metric
-    finished = table.dropna(subset=[metric]) if metric in table else table.iloc[0:0]
-    completed = finished[finished["status"] == "completed"]
-    finished = completed if len(completed) else finished  # an early-stopped trial only as a last resort
-    if not len(finished):
+    best = best_trial(table, metric, source.search.mode)
+    if best is None:
         raise ConfigError(f"--from-study {study_dir}: no trial finished with {metric!r}; nothing to take")
-    best = finished.sort_values(metric, ascending=source.search.mode == "min").iloc[0]
     values = {}
     for name, param in params.items():
         if name in best and pd.notna(best[name]):  # NaN: a conditional parameter the trial did not use
-            value = best[name].item() if hasattr(best[name], "item") else best[name]
+            value = best[name].item() if hasattr(best[name], "item") else best[name]  # numpy scalar
             values[name] = int(value) if param.type == "int" else value
     info = {"from_study": str(study_dir), "trial_id": str(best["trial_id"]), metric: float(best[metric])}
     return values, info
@@ -123,10 +114,3 @@ def plan_ablation(study, from_study: str | None = None) -> AblationPlan:
         source["values"] = values
     jobs = {row.name: row_study(study, row).job().model_dump(mode="json") for row in rows}
     return AblationPlan(study, rows, seeds, jobs, source)
-
-
-def ablation_dir_of(study) -> Path:
-    if "://" in study.storage.path:
-        raise ConfigError(f"storage.path {study.storage.path!r}: ablations keep their tables beside Tune's "
-                          "state and need a local or NFS path")
-    return Path(study.storage.path) / f"{study.name}-ablation"

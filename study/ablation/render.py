@@ -1,4 +1,4 @@
-"""Render ``study.tables`` summaries: Markdown (terminal, MLflow) and LaTeX (booktabs, paper-ready).
+"""Render ``study/ablation/stats.py`` summaries: Markdown (terminal, MLflow) and LaTeX (booktabs, paper-ready).
 
 Both renderers are written here rather than through ``DataFrame.to_markdown`` / ``Styler.to_latex``
 because those need ``tabulate`` / ``jinja2``, which the project does not depend on.
@@ -10,7 +10,7 @@ import math
 
 import pandas as pd
 
-from study.tables import METRICS, Block, reference_of
+from study.ablation.stats import METRICS, Block, reference_of
 
 HEADERS = ("i2t R@1", "i2t R@5", "i2t R@10", "t2i R@1", "t2i R@5", "t2i R@10", "rSum")
 LATEX_SPECIALS = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",

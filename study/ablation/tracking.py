@@ -1,4 +1,4 @@
-"""MLflow for an ablation: one parent run, one child run per row × seed (``MlflowStudyCallback`` with
+"""MLflow for an ablation: one parent run, one child run per row × seed (``TrialRuns`` with
 row-aware run names, params and tags)."""
 
 from __future__ import annotations
@@ -6,7 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from study import tracking
-from study.mlflow_callback import MlflowStudyCallback
 
 
 def row_params(plan) -> dict[str, dict[str, str]]:
@@ -19,7 +18,7 @@ def row_params(plan) -> dict[str, dict[str, str]]:
     return params
 
 
-class AblationCallback(MlflowStudyCallback):
+class AblationRuns(tracking.TrialRuns):
     """Children named ``<row> seed=<s>`` and tagged with variant, seed and the row's own method
     (the base row runs ``base`` inside a DIAS ablation). Completion and failure tags are inherited."""
 
@@ -30,17 +29,17 @@ class AblationCallback(MlflowStudyCallback):
         self.row_params = row_params(plan)
         self.row_methods = {name: job["method"] for name, job in plan.jobs.items()}
 
-    def run_name(self, trial, number: int) -> str:
-        return f"{trial.config['variant']} seed={int(trial.config['seed'])}"
+    def run_name(self, config: dict, number: int) -> str:
+        return f"{config['variant']} seed={int(config['seed'])}"
 
-    def trial_tags(self, trial) -> dict[str, str]:
-        variant = trial.config["variant"]
+    def trial_tags(self, config: dict) -> dict[str, str]:
+        variant = config["variant"]
         return {"kind": "ablation-trial", "method": self.row_methods[variant], "variant": variant,
-                "seed": str(int(trial.config["seed"]))}
+                "seed": str(int(config["seed"]))}
 
-    def trial_params(self, trial) -> dict[str, str]:
-        variant = trial.config["variant"]
-        return {**self.row_params[variant], "train.seed": str(int(trial.config["seed"])),
+    def trial_params(self, config: dict) -> dict[str, str]:
+        variant = config["variant"]
+        return {**self.row_params[variant], "train.seed": str(int(config["seed"])),
                 "ablation.variant": variant}
 
 

@@ -7,17 +7,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from study import tracking
-from study.engine import check_storage
+from study.layout import check_storage
 from study.preflight import check_data
 from study.ray_session import connect
 from trainables.errors import ITMError
-from trainables.ray_train import WorkerResources, make_trainer
+from trainables.ray_train import WorkerResources, train_job
 
 
 @dataclass
 class TrainingResult:
     final: dict[str, float]
-    history: list[dict[str, float]]
     run_dir: str
     run_name: str
 
@@ -45,19 +44,9 @@ def run_training(study, address: str | None = None, resume: bool = False) -> Tra
         check_storage(study.storage.path)
     name = run_name(study, resume)
     connect(address)
-    trainer = make_trainer(study.job(), resources_of(study), name=name, storage_path=study.storage.path)
-    result = trainer.fit()
-    if result.error is not None:
-        raise ITMError(f"training failed: {first_line(result.error)}")
-    history = result.return_value or []
+    history = train_job(study.job(), resources_of(study), name=name, storage_path=study.storage.path)
     log_run(study, name, history)
-    return TrainingResult(history[-1] if history else {}, history, str(Path(study.storage.path) / name), name)
-
-
-def first_line(error: BaseException) -> str:
-    text = str(error).strip() or type(error).__name__
-    lines = [line for line in text.splitlines() if line.strip()]
-    return lines[-1] if lines else text
+    return TrainingResult(history[-1] if history else {}, str(Path(study.storage.path) / name), name)
 
 
 def log_run(study, run_name: str, history: list[dict[str, float]]) -> str:

@@ -9,24 +9,20 @@ parent run recorded in the directory. Works on finished, interrupted and resumed
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
-import yaml
 
 from study import tracking
-from study.ablation_output import ABLATION_FILE, read_meta, write_tables
-from study.config import validate
-from study.report_html import html_page
-from study.tables import METRICS
-from study.trial_dirs import read_trial_dirs
+from study.ablation.output import ABLATION_FILE, read_meta, write_tables
+from study.ablation.render import markdown_table
+from study.layout import OPTUNA_JOURNAL, REPORT_DIR, RESULTS_FILE, load_stored_study, load_study_dir, read_parent
+from study.report.html import html_page
+from study.report.plots import grid_figures, optuna_figures
+from study.report.trial_dirs import read_trial_dirs
+from study.results import RETRIEVAL
 from trainables.errors import ConfigError
-
-REPORT_DIR = "report"
-RESULTS_FILE, STUDY_FILE, PARENT_FILE = "results.csv", "study.yaml", "mlflow_parent.json"  # as in study.engine
-OPTUNA_JOURNAL = "optuna.journal"  # as in study.tuner (importing it would import torch and Ray for nothing)
 
 
 @dataclass
@@ -65,7 +61,7 @@ def top_trials(trials: pd.DataFrame, params: list[str], metric: str, mode: str, 
     """The best ``k`` trials by ``metric`` as display strings: rank, id, status, values, metrics."""
     done = trials.dropna(subset=[metric]) if metric in trials else trials.iloc[0:0]
     ranked = done.sort_values(metric, ascending=mode == "min").head(k)
-    shown = [m for m in (metric, *METRICS) if m in ranked]
+    shown = [m for m in (metric, *RETRIEVAL) if m in ranked]
     table = pd.DataFrame({c: ranked[c].map(fmt) for c in ("trial_id", "status", "epochs", *params) if c in ranked})
     for name in dict.fromkeys(shown):
         table[name] = ranked[name].map(lambda v: f"{v:.1f}")
@@ -74,9 +70,6 @@ def top_trials(trials: pd.DataFrame, params: list[str], metric: str, mode: str, 
 
 
 def study_report(study_dir: Path, top: int) -> Report:
-    from study.engine import load_study_dir
-    from study.report_plots import grid_figures, optuna_figures
-
     study, params, study_dir, parent = load_study_dir(study_dir)
     trials, notes = load_trials(study_dir, study.train.epochs)
     out = study_dir / REPORT_DIR
@@ -110,8 +103,6 @@ def summary_lines(study, trials: pd.DataFrame, params: list[str]) -> list[str]:
 
 
 def report_markdown(name: str, summary: list[str], tables: dict[str, pd.DataFrame], notes: list[str]) -> str:
-    from study.table_render import markdown_table
-
     parts = [f"# Study report: {name}", "", *summary, ""]
     for heading, frame in tables.items():
         parts += [f"## {heading}", "", markdown_table(frame), ""]
@@ -135,11 +126,11 @@ def log_to_parent(study, parent: str, path: Path, artifact_path: str | None) -> 
 
 def ablation_report(ablation_dir: Path) -> Report:
     """The ablation table again in all three formats from the stored per-trial results."""
-    study = validate(yaml.safe_load((ablation_dir / STUDY_FILE).read_text()), str(ablation_dir / STUDY_FILE))
+    study = load_stored_study(ablation_dir)
     meta = read_meta(ablation_dir)
     trials, notes = load_trials(ablation_dir, meta["epochs"])
     markdown, files = write_tables(trials, meta, ablation_dir)
-    parent = json.loads((ablation_dir / PARENT_FILE).read_text())["run_id"]
+    parent = read_parent(ablation_dir)
     for path in files:
         log_to_parent(study, parent, path, None)
     return Report(ablation_dir, markdown, files, notes)

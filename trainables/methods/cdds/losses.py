@@ -47,16 +47,6 @@ def quantile_lookup(sorted_columns: Tensor, positions: Tensor) -> Tensor:
     return sorted_columns.gather(0, lower) * (1 - frac) + sorted_columns.gather(0, upper) * frac
 
 
-def quantile_map(source: Tensor, target: Tensor) -> Tensor:
-    """Column-wise quantile mapping ``Q_i^target(F_i^source(x))`` (CDDS 3 with W = identity).
-
-    source [N_s, d], target [N_t, d] -> [N_s, d]: every source value replaced by the target column's
-    value at the same empirical quantile. Preserves each column's rank order; source = target
-    returns the source.
-    """
-    return quantile_lookup(target.sort(0).values, quantile_positions(source))
-
-
 def distribution_sample(source: Tensor, target: Tensor, weights: Tensor) -> Tensor:
     """Distribution sampling, CDDS 3 (form known, details reconstructed):
     ``X[:, i] = Σ_j W_ij Q_j^target(F_i^source(source[:, i]))``.
@@ -65,7 +55,9 @@ def distribution_sample(source: Tensor, target: Tensor, weights: Tensor) -> Tens
     -> X [N_s, d]. The interpolation weights of ``Q_j(u)`` depend on u and N_t but not on j, so the
     mixture over j equals one lookup in the W-mixed sorted target columns: an [N_t, d] x [d, d]
     matmul instead of an [N_s, d, d] tensor. Mixing ascending columns with W >= 0 keeps them
-    ascending, so X preserves the rank order of every source column.
+    ascending, so X preserves the rank order of every source column. With W = I it is the plain
+    column-wise quantile map: every source value replaced by the target column's value at the same
+    empirical quantile.
     """
     mixed = target.sort(0).values @ weights.t()  # [N_t, d]: column i = Σ_j W_ij sorted(target[:, j])
     return quantile_lookup(mixed, quantile_positions(source))

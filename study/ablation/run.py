@@ -7,26 +7,28 @@ run id, the per-trial ``results.csv`` and the table as ``ablation.{md,tex,csv}``
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pandas as pd
 import yaml
 
-from study.ablation import AblationPlan, ablation_dir_of, plan_ablation
-from study.ablation_output import (
-    is_finished,
-    read_meta,
-    trial_table,
-    write_meta,
-    write_tables,
+from study.ablation.output import read_meta, write_meta, write_tables
+from study.ablation.plan import AblationPlan, plan_ablation
+from study.ablation.tracking import AblationRuns, log_outputs, start_parent_run
+from study.layout import (
+    PARENT_FILE,
+    RESULTS_FILE,
+    STUDY_FILE,
+    TUNER_STATE,
+    ablation_dir_of,
+    load_stored_study,
+    read_parent,
+    write_parent,
 )
-from study.ablation_tracking import AblationCallback, log_outputs, start_parent_run
-from study.config import validate
-from study.engine import PARENT_FILE, RESULTS_FILE, STUDY_FILE, quiet_tune_console
 from study.preflight import check_data
 from study.ray_session import connect
+from study.results import ablation_table, is_finished
 from trainables.errors import ConfigError
 
 
@@ -44,7 +46,8 @@ def state_of(ablation_dir: Path) -> str:
     if not (ablation_dir / PARENT_FILE).exists():
         return "new"
     meta, results = read_meta(ablation_dir), ablation_dir / RESULTS_FILE
-    if results.is_file() and is_finished(pd.read_csv(results), len(meta["rows"]) * len(meta["seeds"])):
+    if results.is_file() and is_finished(pd.read_csv(results, dtype={"trial_id": str}),
+                                         len(meta["rows"]) * len(meta["seeds"])):
         return "finished"
     return "unfinished"
 
@@ -64,13 +67,13 @@ def prepare(plan: AblationPlan, ablation_dir: Path) -> str:
     (ablation_dir / STUDY_FILE).write_text(yaml.safe_dump(resolved, sort_keys=False))
     meta = write_meta(plan, ablation_dir)
     parent = start_parent_run(plan, ablation_dir, [ablation_dir / STUDY_FILE, meta])
-    (ablation_dir / PARENT_FILE).write_text(json.dumps({"run_id": parent}))
+    write_parent(ablation_dir, parent)
     return parent
 
 
 def run_ablation(study, from_study: str | None = None, address: str | None = None) -> AblationOutcome:
     """Validate rows, seeds, fixed hyperparameters and data, then run the grid and write the table."""
-    from study.tuner import build_ablation_tuner
+    from study.tuner import build_ablation_tuner, trial_records
 
     plan = plan_ablation(study, from_study)
     check_data(plan.study.data)
@@ -83,15 +86,13 @@ def run_ablation(study, from_study: str | None = None, address: str | None = Non
                           "`python -m study ablate STUDY.yaml --resume`, or choose another name, e.g. --set name=NEW")
     parent = prepare(plan, ablation_dir)
     connect(address)
-    quiet_tune_console()
-    tuner = build_ablation_tuner(plan.study, plan.name, plan.jobs, list(plan.seeds),
-                                 [AblationCallback(plan, parent)])
-    return finish(plan, ablation_dir, parent, tuner.fit())
+    tuner = build_ablation_tuner(plan.study, plan.name, plan.jobs, list(plan.seeds), AblationRuns(plan, parent))
+    return finish(plan, ablation_dir, parent, trial_records(tuner.fit()))
 
 
 def resume_ablation(study, address: str | None = None) -> AblationOutcome:
     """Continue an interrupted ablation from its stored plan; finished trials are not run again."""
-    from study.tuner import build_ablation_tuner, restore_ablation_tuner
+    from study.tuner import build_ablation_tuner, restore_ablation_tuner, trial_records
 
     ablation_dir = ablation_dir_of(study)
     state = state_of(ablation_dir)
@@ -99,23 +100,20 @@ def resume_ablation(study, address: str | None = None) -> AblationOutcome:
         raise ConfigError(f"nothing to resume: no ablation at {ablation_dir}; start it without --resume")
     if state == "finished":
         raise finished_error(f"{study.name}-ablation", ablation_dir)
-    stored = validate(yaml.safe_load((ablation_dir / STUDY_FILE).read_text()), str(ablation_dir / STUDY_FILE))
-    plan = replace(plan_ablation(stored), source=read_meta(ablation_dir)["source"])
+    plan = replace(plan_ablation(load_stored_study(ablation_dir)), source=read_meta(ablation_dir)["source"])
     check_data(plan.study.data)
-    parent = json.loads((ablation_dir / PARENT_FILE).read_text())["run_id"]
+    parent = read_parent(ablation_dir)
     connect(address)
-    quiet_tune_console()
-    if (ablation_dir / "tuner.pkl").exists():
+    if (ablation_dir / TUNER_STATE).exists():
         tuner = restore_ablation_tuner(str(ablation_dir), plan.study, plan.jobs)
     else:  # interrupted before Tune wrote its state
-        tuner = build_ablation_tuner(plan.study, plan.name, plan.jobs, list(plan.seeds),
-                                     [AblationCallback(plan, parent)])
-    return finish(plan, ablation_dir, parent, tuner.fit())
+        tuner = build_ablation_tuner(plan.study, plan.name, plan.jobs, list(plan.seeds), AblationRuns(plan, parent))
+    return finish(plan, ablation_dir, parent, trial_records(tuner.fit()))
 
 
-def finish(plan: AblationPlan, ablation_dir: Path, parent: str, grid) -> AblationOutcome:
+def finish(plan: AblationPlan, ablation_dir: Path, parent: str, records) -> AblationOutcome:
     """Per-trial results, the three table formats, all logged to the parent run (closed when done)."""
-    trials = trial_table(grid, plan.jobs, plan.study.train.epochs)
+    trials = ablation_table(records, plan.jobs, plan.study.train.epochs)
     csv = ablation_dir / RESULTS_FILE
     trials.to_csv(csv, index=False)
     interrupted = not is_finished(trials, len(plan.rows) * len(plan.seeds))

@@ -5,7 +5,7 @@ with validity masks; ``img``, ``txt`` ``[B, d]`` are the pooled, l2-normalised g
 ``v_i``, ``t_i``. The paper's full text was not available, so every formula here is marked either
 *known* (stated by the paper's abstract / figure captions) or *reconstructed* (our concrete choice).
 
-No config objects, devices or logging in here: the method (``trainables/methods/dias.py``) picks the
+No config objects, devices or logging in here: the model (``model.py`` beside this file) picks the
 variant and the weights; the loop forms the weighted total.
 """
 

@@ -4,7 +4,7 @@ Input: one row per trial with ``variant``, ``seed``, ``status`` and the trial's 
 (``i2t_r1`` … ``rsum`` on validation, ``test_*`` on the test split, ``test_1k_*`` for COCO's 5-fold
 1K average). Output: per block (test / 1K + 5K / validation) a summary frame, index = variant, with
 ``<metric>_mean``, ``<metric>_std``, ``n``, ``delta_rsum``, ``p_value`` and ``significant``, rendered
-as Markdown, LaTeX (booktabs) and CSV by ``study/table_render.py``.
+as Markdown, LaTeX (booktabs) and CSV by ``study/ablation/render.py``.
 """
 
 from __future__ import annotations
@@ -16,7 +16,9 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-METRICS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")
+from study.results import RETRIEVAL
+
+METRICS = RETRIEVAL  # the table's columns, in paper order
 ALPHA = 0.05  # significance level of the Welch test that sets the mark
 
 

@@ -1,0 +1,98 @@
+"""What a study or ablation directory holds, and the only readers of its stored files (no Ray).
+
+A study directory (``storage.path/NAME``) and an ablation directory (``storage.path/NAME-ablation``)
+both hold Tune's experiment state, the resolved ``study.yaml``, ``mlflow_parent.json`` (the MLflow
+parent run) and ``results.csv``; a study adds ``space.yaml`` and the Optuna journal, an ablation
+``ablation.json`` and its tables.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import yaml
+
+from study.config import validate
+from study.spaces import Param, Space
+from trainables.errors import ConfigError
+
+STUDY_FILE = "study.yaml"  # the resolved study file (absolute paths, ablation rows and seeds spelled out)
+SPACE_FILE = "space.yaml"  # the resolved search space of a search study
+PARENT_FILE = "mlflow_parent.json"  # {"run_id": ...} of the MLflow parent run
+RESULTS_FILE = "results.csv"  # one row per trial (study/results.py)
+OPTUNA_JOURNAL = "optuna.journal"  # openable with optuna.load_study / optuna-dashboard
+TUNER_STATE = "tuner.pkl"  # written by Tune once the run has started: resume restores from it
+REPORT_DIR = "report"
+
+# Set by Ray for the entrypoint of a Ray Job (`ray job submit`): its runtime env and metadata.
+JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+
+
+def job_working_dir() -> Path | None:
+    """The driver's working directory if it runs as a Ray Job with an uploaded ``working_dir``.
+
+    That directory is an unpacked per-node copy under Ray's session dir, deleted with the session:
+    nothing that must outlive the job or be seen by other nodes may be written below it.
+    """
+    config = os.environ.get(JOB_CONFIG_ENV)
+    if not config:
+        return None
+    try:
+        runtime_env = json.loads(config).get("runtime_env") or {}
+    except (ValueError, AttributeError):
+        return None
+    return Path.cwd().resolve() if runtime_env.get("working_dir") else None
+
+
+def check_storage(path: str) -> None:
+    """On a cluster every node writes checkpoints under ``storage.path`` and the driver writes its
+    sidecar files (Optuna journal, results.csv) with plain file I/O, so the path must be a directory
+    all nodes see: a local dir on one machine, an NFS/shared mount on a cluster."""
+    if "://" in path:
+        raise ConfigError(f"storage.path {path!r}: the study engine writes its Optuna journal and results.csv "
+                          "beside Tune's state with plain file I/O, so it needs a directory (local on one machine, "
+                          "an NFS mount shared by all nodes on a cluster), e.g. --set storage.path=/mnt/shared/results")
+    job_dir = job_working_dir()
+    if job_dir is not None and Path(path).is_relative_to(job_dir):
+        raise ConfigError(f"storage.path {str(Path(path).relative_to(job_dir))!r} resolves inside the Ray job's "
+                          f"working_dir copy ({job_dir}), which is per node and temporary: give an "
+                          "absolute path all nodes share, e.g. --set storage.path=/mnt/shared/results")
+
+
+def study_dir_of(study) -> Path:
+    """``storage.path/NAME``, after checking that every node can reach it."""
+    check_storage(study.storage.path)
+    return Path(study.storage.path) / study.name
+
+
+def ablation_dir_of(study) -> Path:
+    """``storage.path/NAME-ablation``, after checking that every node can reach it."""
+    check_storage(study.storage.path)
+    return Path(study.storage.path) / f"{study.name}-ablation"
+
+
+def write_parent(directory: Path, run_id: str) -> None:
+    (directory / PARENT_FILE).write_text(json.dumps({"run_id": run_id}))
+
+
+def read_parent(directory: Path) -> str:
+    """The MLflow parent run id recorded in a study or ablation directory."""
+    return json.loads((Path(directory) / PARENT_FILE).read_text())["run_id"]
+
+
+def load_stored_study(directory: Path):
+    """The resolved study file stored in a study or ablation directory, validated again."""
+    path = Path(directory) / STUDY_FILE
+    return validate(yaml.safe_load(path.read_text()), str(path))
+
+
+def load_study_dir(study_dir: str | Path) -> tuple[object, dict[str, Param], Path, str]:
+    """A search study's stored file, space and parent run: ``(study, params, study_dir, parent)``."""
+    study_dir = Path(study_dir).expanduser().resolve()
+    for name in (STUDY_FILE, SPACE_FILE, PARENT_FILE):
+        if not (study_dir / name).is_file():
+            raise ConfigError(f"{study_dir} is not a study directory (no {name}); pass storage.path/NAME of a study")
+    params = dict(Space(**yaml.safe_load((study_dir / SPACE_FILE).read_text())).params)
+    return load_stored_study(study_dir), params, study_dir, read_parent(study_dir)

@@ -1,0 +1,123 @@
+"""``study run`` / ``study resume``: a Ray Tune + Optuna search over one method, tracked in MLflow.
+
+The study directory (``storage.path/NAME``, ``study/layout.py``) holds Tune's experiment state, the
+resolved study file, the space, the Optuna journal, ``results.csv`` and the MLflow parent run id.
+Ray itself is behind ``study/tuner.py`` and ``study/ray_session.py``, imported when a run starts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from math import prod
+from pathlib import Path
+
+import yaml
+
+from study import tracking
+from study.layout import (
+    OPTUNA_JOURNAL,
+    PARENT_FILE,
+    RESULTS_FILE,
+    SPACE_FILE,
+    STUDY_FILE,
+    TUNER_STATE,
+    load_study_dir,
+    study_dir_of,
+    write_parent,
+)
+from study.preflight import check_data
+from study.ray_session import connect
+from study.results import INCOMPLETE, best_trial, study_table
+from study.spaces import Param, grid, resolve_space
+from trainables.errors import ConfigError
+
+
+@dataclass
+class StudyOutcome:
+    study_dir: Path
+    best: dict | None
+    results_csv: Path
+    n_trials: int
+    interrupted: bool = False
+
+
+def expected_trials(study, params: dict[str, Param]) -> int:
+    if study.search.algorithm != "grid":
+        return study.search.num_samples
+    return prod(len(values) for values in grid(params).values())
+
+
+def new_study_dir(study) -> Path:
+    study_dir = study_dir_of(study)
+    if (study_dir / PARENT_FILE).exists():
+        raise ConfigError(f"study {study.name!r} already exists at {study_dir}: continue it with "
+                          f"`python -m study resume {study_dir}` or choose another name")
+    return study_dir
+
+
+def prepare(study, params: dict[str, Param]) -> tuple[Path, str]:
+    study_dir = new_study_dir(study)
+    study_dir.mkdir(parents=True, exist_ok=True)
+    (study_dir / STUDY_FILE).write_text(yaml.safe_dump(study.model_dump(mode="json"), sort_keys=False))
+    (study_dir / SPACE_FILE).write_text(yaml.safe_dump(
+        {"method": study.method, "params": {k: v.model_dump(exclude_defaults=True) for k, v in params.items()}},
+        sort_keys=False))
+    parent = tracking.start_parent_run(study, study.name, "study", study_dir,
+                                       [study_dir / STUDY_FILE, study_dir / SPACE_FILE])
+    write_parent(study_dir, parent)
+    return study_dir, parent
+
+
+def trial_runs(study, parent: str) -> tracking.TrialRuns:
+    """One MLflow child run per trial, with the study's fixed values as params."""
+    fixed = tracking.flatten(study.model_dump(mode="json", include={"method", "data", "model", "train"}))
+    fixed.update(tracking.flatten({study.method: study.method_params()}))
+    return tracking.TrialRuns(study.tracking.uri, study.tracking.experiment, parent, study.name,
+                              study.method, fixed, study.train.epochs)
+
+
+def run_study(study, address: str | None = None) -> StudyOutcome:
+    """Validate everything, then search. Errors before this point leave nothing half-written."""
+    from study.tuner import build_tuner, trial_records
+
+    params = resolve_space(study)
+    check_data(study.data)
+    new_study_dir(study)
+    connect(address)  # a bad address or token fails here, before anything is written
+    study_dir, parent = prepare(study, params)
+    tuner = build_tuner(study, params, str(study_dir / OPTUNA_JOURNAL), trial_runs(study, parent))
+    return finish(study, params, study_dir, parent, trial_records(tuner.fit()))
+
+
+def resume_study(study_dir: str | Path, address: str | None = None) -> StudyOutcome:
+    """Continue an interrupted study: finished trials are kept, MLflow runs are reused."""
+    from study.tuner import build_tuner, restore_tuner, trial_records
+
+    study, params, study_dir, parent = load_study_dir(study_dir)
+    connect(address)
+    if (study_dir / TUNER_STATE).exists():
+        tuner = restore_tuner(str(study_dir), study)
+    else:  # interrupted before Tune wrote its state
+        tuner = build_tuner(study, params, str(study_dir / OPTUNA_JOURNAL), trial_runs(study, parent))
+    return finish(study, params, study_dir, parent, trial_records(tuner.fit()))
+
+
+def finish(study, params, study_dir: Path, parent: str, records) -> StudyOutcome:
+    """Write results.csv, mark the best trial on the MLflow parent run, close it."""
+    table = study_table(records, params, study.search.metric, study.train.epochs)
+    csv = study_dir / RESULTS_FILE
+    table.to_csv(csv, index=False)
+    client, _ = tracking.client_for(study.tracking.uri, study.tracking.experiment)
+    client.log_artifact(parent, str(csv))
+    metric = study.search.metric
+    best = best_trial(table, metric, study.search.mode)
+    if best is not None:
+        tracking.mark_best(client, parent, best["trial_id"])
+        client.log_metric(parent, f"best_{metric}", float(best[metric]))
+        for name in params:
+            if name in best and best[name] == best[name]:
+                client.set_tag(parent, f"best.{name}", str(best[name]))
+    interrupted = len(table) < expected_trials(study, params) or (table["status"] == INCOMPLETE).any()
+    if not interrupted:  # an interrupted study's parent run stays open until `resume` finishes it
+        client.set_terminated(parent, "FINISHED")
+    return StudyOutcome(study_dir, best, csv, len(table), interrupted)

@@ -1,0 +1,39 @@
+"""``method: dias`` — Dimension Information Alignment and Sparse spatial constraint (METHODS.md "DIAS").
+
+Ma et al., "Bridging the Modality Gap: Dimension Information Alignment and Sparse Spatial Constraint
+for Image-Text Matching", ACM MM 2024. The total is
+``L = L_align + λ_dim L_dim + λ_inter L_inter + λ_intra L_intra`` (METHODS.md calls the first term
+L_loc; it is the base model's alignment loss, logged as ``align`` like every method's).
+Files: ``config.py`` (the ``dias:`` section), ``model.py`` (the model), ``losses.py`` (the pure maths).
+"""
+
+from __future__ import annotations
+
+from trainables.config import JobConfig
+from trainables.methods.dias.config import DiasConfig
+from trainables.methods.dias.model import DiasModel
+from trainables.methods.spec import Ablation, MethodSpec
+
+__all__ = ["SPEC", "DiasConfig", "DiasModel", "build"]
+
+
+def build(job: JobConfig, image_dim: int) -> DiasModel:
+    return DiasModel(image_dim, job.model, job.train, DiasConfig(**job.method_params))
+
+
+SPEC = MethodSpec(
+    name="dias",
+    build=build,
+    section=DiasConfig,
+    searchable=("lambda_dim", "lambda_inter", "lambda_intra", "sparsity_k", "sparsity_mode",
+                "mask_temperature", "dim_loss", "lambda_offdiag", "dim_temperature", "attn_temperature"),
+    ablations=(
+        Ablation("full", "dias"),
+        Ablation("w/o L_dim", "dias", {"use_dim": False}),
+        Ablation("w/o L_inter", "dias", {"use_inter": False}),
+        Ablation("w/o L_intra", "dias", {"use_intra": False}),
+        Ablation("w/o sparse", "dias", {"use_sparse": False}),
+        Ablation("w/o spatial", "dias", {"use_inter": False, "use_intra": False}),
+        Ablation("base", "base"),
+    ),
+)
