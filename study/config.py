@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, PositiveInt, ValidationError, create_model, model_validator
+from pydantic import Field, PositiveInt, ValidationError, create_model, field_validator, model_validator
 
 from trainables.config import DataConfig, JobConfig, ModelConfig, Section, TrainConfig
 from trainables.errors import ConfigError
@@ -19,6 +19,13 @@ from trainables.methods import METHODS, get_method
 
 
 JOB_SECTIONS = ("data", "model", "train")  # the study sections a worker receives as they are
+
+# What the epoch loop reports each epoch (trainables/loop.py, trainables/evaluation.py), so what a
+# search can optimise; "loss_<term>" and "budget/<term>" carry each method's own loss-term names.
+REPORTED_METRICS = ("rsum", "i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10",
+                    "i2t_medr", "i2t_meanr", "t2i_medr", "t2i_meanr", "loss", "lr", "epoch_time_s",
+                    "gap_centroid_dist", "alignment", "uniformity_img", "uniformity_txt")
+REPORTED_PREFIXES = ("loss_", "budget/")
 
 
 class SearchConfig(Section):
@@ -36,6 +43,14 @@ class SearchConfig(Section):
     # Optuna's default (10), which is most of a 16-trial budget.
     startup_trials: PositiveInt | None = None
     max_failures: int = Field(1, ge=0)  # retries of a failed trial before it is recorded as failed
+
+    @field_validator("metric")
+    @classmethod
+    def _reported_metric(cls, metric: str) -> str:
+        if metric in REPORTED_METRICS or metric.startswith(REPORTED_PREFIXES) and metric not in REPORTED_PREFIXES:
+            return metric
+        raise ValueError(f"{metric!r} is not a metric the training loop reports; e.g. rsum, i2t_r1, t2i_r1, "
+                         "loss, loss_<term>, gap_centroid_dist, alignment")
 
     @model_validator(mode="after")
     def _startup_trials_need_tpe(self):
@@ -110,14 +125,17 @@ StudyConfig = create_model("StudyConfig", __base__=_StudyBase, **_method_section
 def format_validation_error(err: ValidationError, source: str) -> str:
     """The first problem as one line: ``source: section.key: what is wrong``."""
     first = err.errors()[0]
-    where = ".".join(str(part) for part in first["loc"]) or "(top level)"
+    where = ".".join(str(part) for part in first["loc"])
+    message = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
         parent = first["loc"][:-1]
         allowed = ", ".join(sorted(_allowed_keys(parent)))
         return f"{source}: unknown key '{where}'; allowed here: {allowed}"
     if first["type"] == "missing":
         return f"{source}: missing required key '{where}'"
-    return f"{source}: {where}: {first['msg']} (got {first.get('input')!r})"
+    if not where:  # a check across keys (a model validator): its message names them
+        return f"{source}: {message}"
+    return f"{source}: {where}: {message} (got {first.get('input')!r})"
 
 
 def _allowed_keys(path: tuple) -> list[str]:
@@ -129,14 +147,15 @@ def _allowed_keys(path: tuple) -> list[str]:
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
-    if "=" not in item:
+    key, equals, raw = item.partition("=")
+    path = key.strip().split(".")
+    if not equals or not all(part.strip() for part in path):
         raise ConfigError(f"--set {item!r}: expected section.key=value, e.g. train.epochs=2")
-    key, raw = item.split("=", 1)
     try:
         value = yaml.safe_load(raw) if raw else None
     except yaml.YAMLError:
         value = raw
-    return key.strip().split("."), value
+    return [part.strip() for part in path], value
 
 
 def set_dotted(raw: dict, values: dict[str, Any], source: str = "--set") -> dict:
@@ -157,14 +176,6 @@ def set_dotted(raw: dict, values: dict[str, Any], source: str = "--set") -> dict
     return raw
 
 
-def apply_overrides(raw: dict, overrides: list[str]) -> dict:
-    """``["train.epochs=2", ...]`` onto the raw YAML dict; types are checked by validation."""
-    for item in overrides:
-        path, value = parse_override(item)
-        set_dotted(raw, {".".join(path): value}, f"--set {item!r}")
-    return raw
-
-
 def apply_params(study, params: dict[str, Any], source: str = "search space"):
     """A validated copy of ``study`` with ``{"section.key": value}`` applied."""
     return validate(set_dotted(study.model_dump(mode="json"), params, source), source)
@@ -179,9 +190,9 @@ def job_with_params(job: dict, params: dict[str, Any]) -> JobConfig:
     return JobConfig(**set_dotted(job, routed, "trial parameter"))
 
 
-def read_yaml(path: Path) -> dict:
+def read_yaml(path: Path, what: str = "study file") -> dict:
     if not path.is_file():
-        raise ConfigError(f"study file not found: {path}")
+        raise ConfigError(f"{what} not found: {path}")
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
@@ -189,25 +200,98 @@ def read_yaml(path: Path) -> dict:
         where = f" line {mark.line + 1}" if mark else ""
         raise ConfigError(f"{path}:{where} is not valid YAML ({getattr(err, 'problem', err)})") from None
     if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: a study file is a YAML mapping (name:, method:, data:, ...)")
+        state = "is empty" if raw is None else f"holds a {type(raw).__name__}"
+        raise ConfigError(f"{path}: {state}, but a {what} is a YAML mapping of keys to values")
     return raw
 
 
-def validate(raw: dict, source: str):
-    """Validate a raw study dict; paths become absolute (Tune trials and Ray Jobs change the cwd)."""
+def check_raw(raw: dict, model=None, prefix: str = "") -> tuple[str, str] | None:
+    """What pydantic would let pass but is a mistake: a non-string key (``1:``), or a YAML boolean
+    (``epochs: yes``) where a number is expected (pydantic turns true into 1).
+    Returns ``(where, one-line problem)`` or None."""
+    model = model or StudyConfig
+    for key, value in raw.items():
+        if not isinstance(key, str):
+            return prefix.rstrip("."), f"key {prefix}{key!r} is not a name (keys are words like train: or epochs:)"
+        field = model.model_fields.get(key)
+        if field is None:
+            continue  # an unknown key: pydantic names it and the allowed ones
+        annotation = field.annotation
+        if isinstance(value, dict) and isinstance(annotation, type) and issubclass(annotation, Section):
+            problem = check_raw(value, annotation, f"{prefix}{key}.")
+            if problem:
+                return problem
+        elif isinstance(value, bool) and _is_number(annotation):
+            return (f"{prefix}{key}", f"{prefix}{key}: expected a number, got the YAML boolean {value!r} "
+                                      "(yes/no/on/off read as true/false)")
+    return None
+
+
+def _is_number(annotation) -> bool:
+    """int / float fields, optional or not (``PositiveInt | None``), but not ``bool`` ones."""
+    args = getattr(annotation, "__args__", None) or (annotation,)
+    return any(arg in (int, float) for arg in args) and bool not in args
+
+
+def validate(raw: dict, source: str, overrides: dict[str, str] | None = None):
+    """Validate a raw study dict; paths become absolute (Tune trials and Ray Jobs change the cwd).
+
+    ``overrides``: ``{"section.key": "--set section.key=value"}``: a problem at one of those keys is
+    blamed on that ``--set``, not on ``source``.
+    """
+    overrides = overrides or {}
+    problem = check_raw(raw)
+    if problem:
+        raise ConfigError(f"{_blame(problem[0], source, overrides)}: {problem[1]}")
     try:
         study = StudyConfig(**raw)
     except ValidationError as err:
-        raise ConfigError(format_validation_error(err, source)) from None
+        where = ".".join(str(part) for part in err.errors()[0]["loc"])
+        raise ConfigError(format_validation_error(err, _blame(where, source, overrides))) from None
     except ConfigError as err:
         raise ConfigError(f"{source}: {err}") from None
     return absolutise(study)
 
 
+def _blame(where: str, source: str, overrides: dict[str, str]) -> str:
+    """The ``--set`` that set ``where`` (or a section above or below it), else ``source``."""
+    for key, option in overrides.items():
+        if where and (where == key or where.startswith(key + ".") or key.startswith(where + ".")):
+            return option
+    return source
+
+
 def load_study(path: str | Path, overrides: list[str] = ()):
+    """The study file with ``--set`` overrides, validated; a problem caused by a ``--set`` names it."""
     path = Path(path)
-    raw = apply_overrides(read_yaml(path), list(overrides))
-    return validate(raw, str(path))
+    raw = read_yaml(path)
+    options = {}
+    for item in overrides:
+        key, value = parse_override(item)
+        options[".".join(key)] = f"--set {item}"
+        set_dotted(raw, {".".join(key): value}, f"--set {item!r}")
+    try:
+        return validate(raw, str(path), options)
+    except ConfigError as err:
+        # A check across keys has no key to blame: if the file passes alone, the --set options did it.
+        if options and str(err).startswith(f"{path}: "):
+            culprit = _culprit(path, overrides)
+            if culprit:
+                raise ConfigError(f"--set {culprit}: {str(err).removeprefix(f'{path}: ')}") from None
+        raise
+
+
+def _culprit(path: Path, overrides: list[str]) -> str | None:
+    """The ``--set`` without which the study file validates (a check across keys names no key)."""
+    parsed = [(item, ".".join(key), value) for item in overrides for key, value in [parse_override(item)]]
+    for item, _, _ in parsed:
+        raw = set_dotted(read_yaml(path), {key: value for other, key, value in parsed if other is not item})
+        try:
+            validate(raw, str(path))
+        except ConfigError:
+            continue
+        return item
+    return None
 
 
 def absolutise(study):
@@ -218,8 +302,12 @@ def absolutise(study):
     uri = study.tracking.uri
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         uri = "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).resolve())
+    model = study.model
+    if model.text_encoder not in ("minilm", "tiny"):  # a local checkpoint directory: workers have another cwd
+        model = model.model_copy(update={"text_encoder": str(Path(model.text_encoder).expanduser().resolve())})
     return study.model_copy(update={
         "data": data,
+        "model": model,
         "storage": study.storage.model_copy(update={"path": storage_path}),
         "tracking": study.tracking.model_copy(update={"uri": uri}),
     })

@@ -12,10 +12,10 @@ import json
 import os
 from pathlib import Path
 
-import yaml
+from pydantic import ValidationError
 
-from study.config import validate
-from study.spaces import Param, Space
+from study.config import read_yaml, validate
+from study.spaces import Param, Space, first_problem
 from trainables.errors import ConfigError
 
 STUDY_FILE = "study.yaml"  # the resolved study file (absolute paths, ablation rows and seeds spelled out)
@@ -79,20 +79,32 @@ def write_parent(directory: Path, run_id: str) -> None:
 
 def read_parent(directory: Path) -> str:
     """The MLflow parent run id recorded in a study or ablation directory."""
-    return json.loads((Path(directory) / PARENT_FILE).read_text())["run_id"]
+    path = Path(directory) / PARENT_FILE
+    try:
+        return json.loads(path.read_text())["run_id"]
+    except (ValueError, KeyError, TypeError):
+        raise ConfigError(f"{path}: not the {{\"run_id\": ...}} this engine writes; the study directory "
+                          "is damaged") from None
 
 
 def load_stored_study(directory: Path):
     """The resolved study file stored in a study or ablation directory, validated again."""
     path = Path(directory) / STUDY_FILE
-    return validate(yaml.safe_load(path.read_text()), str(path))
+    return validate(read_yaml(path, "stored study file"), str(path))
 
 
 def load_study_dir(study_dir: str | Path) -> tuple[object, dict[str, Param], Path, str]:
     """A search study's stored file, space and parent run: ``(study, params, study_dir, parent)``."""
     study_dir = Path(study_dir).expanduser().resolve()
+    if study_dir.is_file():
+        raise ConfigError(f"{study_dir} is a file; resume takes a study directory (storage.path/NAME)")
     for name in (STUDY_FILE, SPACE_FILE, PARENT_FILE):
         if not (study_dir / name).is_file():
             raise ConfigError(f"{study_dir} is not a study directory (no {name}); pass storage.path/NAME of a study")
-    params = dict(Space(**yaml.safe_load((study_dir / SPACE_FILE).read_text())).params)
-    return load_stored_study(study_dir), params, study_dir, read_parent(study_dir)
+    study = load_stored_study(study_dir)
+    space = study_dir / SPACE_FILE
+    try:
+        params = dict(Space(**read_yaml(space, "stored search space")).params)
+    except ValidationError as err:
+        raise ConfigError(f"{space}: {first_problem(err)}") from None
+    return study, params, study_dir, read_parent(study_dir)

@@ -19,6 +19,7 @@ RETRIEVAL = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum
 GAP_METRICS = ("gap_centroid_dist", "alignment", "uniformity_img", "uniformity_txt")
 STUDY_METRICS = (*RETRIEVAL, "loss", "gap_centroid_dist", "alignment", "training_iteration")
 ABLATION_PREFIXES = ("", "test_", "test_1k_")  # validation, test (5K on COCO), COCO's 1K fold average
+BUDGET_PREFIX = "budget/"  # a loss term's share of the encoders' gradient norm (trainables/budget.py)
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,7 @@ def study_table(records: list[TrialRecord], params: dict, metric: str, epochs: i
         row = {"trial_id": record.trial_id, "status": status_of(record, epochs)}
         row.update({name: record.config.get(name) for name in params})
         row.update({key: record.metrics[key] for key in (*STUDY_METRICS, metric) if key in record.metrics})
+        row.update({key: value for key, value in record.metrics.items() if key.startswith(BUDGET_PREFIX)})
         row["epochs"] = record.epochs
         row["node_id"] = record.metrics.get("node_id", "")
         row["error"] = record.error
@@ -69,8 +71,8 @@ def study_table(records: list[TrialRecord], params: dict, metric: str, epochs: i
 
 
 def ablation_metric(key: str) -> bool:
-    """Retrieval metrics on every split, the modality-gap diagnostics and the loss."""
-    return key == "loss" or any(key == p + m for p in ABLATION_PREFIXES for m in RETRIEVAL + GAP_METRICS)
+    """Retrieval metrics on every split, the modality-gap diagnostics, the loss and the term budget."""
+    return key == "loss" or key.startswith(BUDGET_PREFIX) or any(key == p + m for p in ABLATION_PREFIXES for m in RETRIEVAL + GAP_METRICS)
 
 
 def ablation_table(records: list[TrialRecord], jobs: dict[str, dict], epochs: int) -> pd.DataFrame:

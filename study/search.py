@@ -2,7 +2,8 @@
 
 The study directory (``storage.path/NAME``, ``study/layout.py``) holds Tune's experiment state, the
 resolved study file, the space, the Optuna journal, ``results.csv`` and the MLflow parent run id.
-Ray itself is behind ``study/tuner.py`` and ``study/ray_session.py``, imported when a run starts.
+Ray itself is behind ``study/tuner.py`` and ``study/ray_session.py``, and MLflow behind
+``study/tracking.py``: all imported once every check has passed, so bad input fails fast.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from pathlib import Path
 
 import yaml
 
-from study import tracking
 from study.layout import (
     OPTUNA_JOURNAL,
     PARENT_FILE,
@@ -25,8 +25,7 @@ from study.layout import (
     study_dir_of,
     write_parent,
 )
-from study.preflight import check_data
-from study.ray_session import connect
+from study.preflight import check_study
 from study.results import INCOMPLETE, best_trial, study_table
 from study.spaces import Param, grid, resolve_space
 from trainables.errors import ConfigError
@@ -39,6 +38,13 @@ class StudyOutcome:
     results_csv: Path
     n_trials: int
     interrupted: bool = False
+
+
+def connect(address: str | None) -> None:
+    """Start or join Ray (imported only now: a bad study fails before Ray loads)."""
+    from study import ray_session
+
+    ray_session.connect(address)
 
 
 def expected_trials(study, params: dict[str, Param]) -> int:
@@ -56,6 +62,8 @@ def new_study_dir(study) -> Path:
 
 
 def prepare(study, params: dict[str, Param]) -> tuple[Path, str]:
+    from study import tracking
+
     study_dir = new_study_dir(study)
     study_dir.mkdir(parents=True, exist_ok=True)
     (study_dir / STUDY_FILE).write_text(yaml.safe_dump(study.model_dump(mode="json"), sort_keys=False))
@@ -68,8 +76,10 @@ def prepare(study, params: dict[str, Param]) -> tuple[Path, str]:
     return study_dir, parent
 
 
-def trial_runs(study, parent: str) -> tracking.TrialRuns:
+def trial_runs(study, parent: str):
     """One MLflow child run per trial, with the study's fixed values as params."""
+    from study import tracking
+
     fixed = tracking.flatten(study.model_dump(mode="json", include={"method", "data", "model", "train"}))
     fixed.update(tracking.flatten({study.method: study.method_params()}))
     return tracking.TrialRuns(study.tracking.uri, study.tracking.experiment, parent, study.name,
@@ -78,12 +88,12 @@ def trial_runs(study, parent: str) -> tracking.TrialRuns:
 
 def run_study(study, address: str | None = None) -> StudyOutcome:
     """Validate everything, then search. Errors before this point leave nothing half-written."""
-    from study.tuner import build_tuner, trial_records
-
     params = resolve_space(study)
-    check_data(study.data)
+    check_study(study)
     new_study_dir(study)
     connect(address)  # a bad address or token fails here, before anything is written
+    from study.tuner import build_tuner, trial_records
+
     study_dir, parent = prepare(study, params)
     tuner = build_tuner(study, params, str(study_dir / OPTUNA_JOURNAL), trial_runs(study, parent))
     return finish(study, params, study_dir, parent, trial_records(tuner.fit()))
@@ -91,10 +101,11 @@ def run_study(study, address: str | None = None) -> StudyOutcome:
 
 def resume_study(study_dir: str | Path, address: str | None = None) -> StudyOutcome:
     """Continue an interrupted study: finished trials are kept, MLflow runs are reused."""
+    study, params, study_dir, parent = load_study_dir(study_dir)
+    check_study(study)
+    connect(address)
     from study.tuner import build_tuner, restore_tuner, trial_records
 
-    study, params, study_dir, parent = load_study_dir(study_dir)
-    connect(address)
     if (study_dir / TUNER_STATE).exists():
         tuner = restore_tuner(str(study_dir), study)
     else:  # interrupted before Tune wrote its state
@@ -104,6 +115,8 @@ def resume_study(study_dir: str | Path, address: str | None = None) -> StudyOutc
 
 def finish(study, params, study_dir: Path, parent: str, records) -> StudyOutcome:
     """Write results.csv, mark the best trial on the MLflow parent run, close it."""
+    from study import tracking
+
     table = study_table(records, params, study.search.metric, study.train.epochs)
     csv = study_dir / RESULTS_FILE
     table.to_csv(csv, index=False)

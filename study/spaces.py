@@ -25,6 +25,7 @@ from trainables.errors import ConfigError
 from trainables.methods import get_method
 
 SHARED_SECTIONS = ("train", "model")  # searchable by every method, besides the method's own section
+MAX_GRID_INTS = 10_000  # an int range without explicit 'values' becomes at most this many grid points
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -49,6 +50,13 @@ class Param(Section):
             raise ValueError(f"empty range: low {self.low} must be below high {self.high}")
         if self.type == "loguniform" and self.low <= 0:
             raise ValueError("loguniform needs low > 0")
+        if self.log and self.type != "int":
+            raise ValueError(f"'log' applies to int only; for a {self.type} on a log scale use type: loguniform")
+        if self.type == "int":
+            if self.low != int(self.low) or self.high != int(self.high):
+                raise ValueError(f"int needs whole-number bounds, got low {self.low} and high {self.high}")
+            if self.log and self.low < 1:
+                raise ValueError(f"int with log: true needs low >= 1, got {self.low:g}")
         return self
 
     def grid_points(self) -> list[Any] | None:
@@ -56,9 +64,18 @@ class Param(Section):
             return list(self.choices)
         if self.values is not None:
             return list(self.values)
-        if self.type == "int":
+        if self.type == "int" and self.high - self.low < MAX_GRID_INTS:
             return list(range(int(self.low), int(self.high) + 1))
         return None
+
+    def checked_values(self) -> list[Any]:
+        """The values that stand for the whole parameter when it is validated: the choices or the
+        explicit values, else the two ends of the range (every value between is valid if they are)."""
+        if self.type == "categorical":
+            return list(self.choices)
+        if self.values is not None:
+            return list(self.values)
+        return [int(self.low), int(self.high)] if self.type == "int" else [self.low, self.high]
 
 
 class Space(Section):
@@ -74,9 +91,13 @@ def load_space_file(path: str | Path) -> Space:
         raise ConfigError(f"search space file not found: {path}")
     try:
         raw = yaml.safe_load(path.read_text())
-        return Space(**raw)
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML ({getattr(err, 'problem', err)})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: {'is empty' if raw is None else 'is not a mapping'}; a search space "
+                          "file holds method: and params: {NAME: {type: ..., ...}}")
+    try:
+        return Space(**raw)
     except (ValidationError, TypeError) as err:
         raise ConfigError(f"{path}: {first_problem(err)}") from None
 
@@ -97,39 +118,54 @@ def default_space_path(method: str) -> Path:
 def resolve_space(study) -> dict[str, Param]:
     """The study's space: its file (or the method's default) with ``search.params`` merged on top."""
     space = study.search.space
-    if space == "none":
-        params = {}
-    else:
+    params, origins = {}, {}
+    if space != "none":
         path = space or default_space_path(study.method)
-        params = dict(load_space_file(path).params) if (space or Path(path).exists()) else {}
+        if space or Path(path).exists():
+            params = dict(space_for(study, path).params)
+            origins = dict.fromkeys(params, f"search space {path}")
     for name, raw in study.search.params.items():
         try:
             params[name] = Param(**raw) if isinstance(raw, dict) else Param(type="categorical", choices=list(raw))
         except (ValidationError, TypeError) as err:
             raise ConfigError(f"search.params.{name}: {first_problem(err)}") from None
+        origins[name] = "search.params"
     if not params:
         raise ConfigError(f"the search space for {study.method!r} is empty: set search.space or search.params")
-    check_space(study, params)
+    check_space(study, params, origins)
     if study.search.algorithm == "grid":
         grid(params)  # fails now, before anything is written, if a parameter has no grid points
     return params
 
 
-def check_space(study, params: dict[str, Param]) -> None:
-    """Every parameter names a searchable key of the study, and every sampled value validates."""
+def space_for(study, path: str | Path) -> Space:
+    """The space file at ``path``, which must be for the study's method when it names one."""
+    space = load_space_file(path)
+    if space.method is not None and space.method != study.method:
+        raise ConfigError(f"search space {path} is for method {space.method!r} but the study's method is "
+                          f"{study.method!r}; set search.space to a {study.method} space or change method:")
+    return space
+
+
+def check_space(study, params: dict[str, Param], origins: dict[str, str] | None = None) -> None:
+    """Every parameter names a searchable key of the study, and every value it can take validates:
+    checked symbolically (the ends of a range, the choices), never one integer at a time.
+    ``origins``: where each parameter was given (a space file, ``search.params``), for the message."""
     allowed = _searchable(study, get_method(study.method))
     for name, param in params.items():
+        where = (origins or {}).get(name, "search space")
         if name not in allowed:
-            raise ConfigError(f"search space: unknown parameter {name!r} for method {study.method!r}; "
+            raise ConfigError(f"{where}: unknown parameter {name!r} for method {study.method!r}; "
                               f"searchable: {', '.join(sorted(allowed))}")
-        for value in param.grid_points() or [param.low, param.high]:
+        for value in param.checked_values():
             try:
-                apply_params(study, {name: value})
+                apply_params(study, {name: value}, where)
             except ConfigError as err:
-                raise ConfigError(f"search space: {name}={value!r} is not a valid value ({err})") from None
+                problem = str(err).removeprefix(f"{where}: ")
+                raise ConfigError(f"{where}: {name}={value!r} is not a valid value ({problem})") from None
         for other in param.when:
             if other not in params:
-                raise ConfigError(f"search space: {name!r} depends on {other!r}, which is not in the space")
+                raise ConfigError(f"{where}: {name!r} depends on {other!r}, which is not in the space")
 
 
 def _searchable(study, spec) -> list[str]:
@@ -180,7 +216,8 @@ def grid(params: dict[str, Param]) -> dict[str, list[Any]]:
     for name, param in params.items():
         values = param.grid_points()
         if values is None:
-            raise ConfigError(f"search space: grid search needs 'values' for continuous parameter {name!r}")
+            kind = "continuous" if param.type != "int" else f"int ({MAX_GRID_INTS:,}+ values)"
+            raise ConfigError(f"search space: grid search needs 'values' for {kind} parameter {name!r}")
         if param.when:
             raise ConfigError(f"search space: grid search does not support conditions ({name!r})")
         points[name] = values

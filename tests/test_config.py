@@ -77,3 +77,22 @@ def test_tpe_startup_trials_reach_the_sampler_and_need_tpe(tmp_path):
     assert searcher(default, resolve_space(default), str(tmp_path / "d.journal"))._sampler._n_startup_trials == 10
     with pytest.raises(ConfigError, match="startup_trials applies to algorithm optuna-tpe only, not random"):
         load_study(write(tmp_path, "name: x\n"), ["search.startup_trials=3", "search.algorithm=random"])
+
+
+@pytest.mark.parametrize("text, message", [
+    ("name: x\ntrain: {epochs: yes}\n", "train.epochs: expected a number, got the YAML boolean"),
+    ("name: x\n1: 2\n", "key 1 is not a name"),
+    ("", "is empty"),
+    ("name: x\nsearch: {metric: r_sum}\n", "'r_sum' is not a metric"),
+])
+def test_mistakes_pydantic_would_let_pass_are_refused(tmp_path, text, message):
+    with pytest.raises(ConfigError, match=message) as err:
+        load_study(write(tmp_path, text))
+    assert "\n" not in str(err.value) and "(top level)" not in str(err.value)
+
+
+def test_a_set_problem_is_blamed_on_the_set_not_the_file(tmp_path):
+    with pytest.raises(ConfigError, match=r"^--set train.batch_size=1: train.batch_size"):
+        load_study(write(tmp_path, "name: x\n"), ["train.epochs=2", "train.batch_size=1"])
+    with pytest.raises(ConfigError, match=r"^--set method=clip: unknown method"):
+        load_study(write(tmp_path, "name: x\n"), ["train.epochs=2", "method=clip"])

@@ -5,6 +5,7 @@ results. Constructed study directories (no Ray) cover grid, interrupted and tiny
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import optuna
@@ -123,3 +124,16 @@ def test_report_of_a_finished_tpe_study(smoke_study, ray_session, capsys):
     ranked = [line.split("|")[2].strip() for line in printed.splitlines() if line.startswith("| ")]
     assert ranked[1:3] == list(best.trial_id)
     assert {"report/importances.png", "report/index.html"} <= artifacts(study, outcome.study_dir, "report")
+
+
+def test_study_report_shows_the_term_budget_of_the_top_trials(smoke_study):
+    study = smoke_study()
+    study_dir = study_dir_on_disk(study, {"train.lr": {**LR, "values": [1e-3, 1e-4, 3e-4]}, "train.loss": LOSS}, "grid")
+    budget = [{"budget/align": 0.7, "budget/dim": 0.3}, {"budget/align": 0.9, "budget/dim": 0.1},
+              {"budget/align": 0.5, "budget/dim": 0.5}]
+    pd.DataFrame([{**t, **b} for t, b in zip(TRIALS, budget)]).to_csv(study_dir / "results.csv", index=False)
+    report = build_report(study_dir, top=2)
+    section = report.markdown.split("## Term budget", 1)[1]
+    rows = [line.split("|")[1:4] for line in section.splitlines() if re.match(r"\| t\d ", line)]
+    assert [[c.strip() for c in row] for row in rows] == [["t0", "70.0 %", "30.0 %"], ["t2", "50.0 %", "50.0 %"]]
+    assert "Term budget" in (study_dir / "report" / "index.html").read_text()

@@ -71,3 +71,30 @@ def test_grid_needs_values_for_continuous_parameters(tmp_path):
         grid(params)
     fixed = resolve_space(study_for(tmp_path, "base", "search: {space: none, params: {train.lr: {type: uniform, low: 0.001, high: 0.01, values: [0.001, 0.01]}}}\n"))
     assert grid({"train.lr": fixed["train.lr"]}) == {"train.lr": [0.001, 0.01]}
+
+
+def test_a_huge_int_range_is_checked_by_its_ends_not_integer_by_integer(tmp_path):
+    import time
+
+    study = study_for(tmp_path, "base", "search: {space: none, params: {train.eval_batch_size: "
+                                        "{type: int, low: 1, high: 100000000, log: true}}}\n")
+    start = time.perf_counter()
+    params = resolve_space(study)
+    assert time.perf_counter() - start < 1.0 and params["train.eval_batch_size"].checked_values() == [1, 100000000]
+
+
+@pytest.mark.parametrize("param, message", [
+    ("{type: int, low: 0, high: 8, log: true}", "low >= 1"),
+    ("{type: int, low: 1.5, high: 8}", "whole-number bounds"),
+    ("{type: uniform, low: 0.1, high: 0.2, log: true}", "use type: loguniform"),
+])
+def test_numeric_ranges_are_checked_symbolically(tmp_path, param, message):
+    study = study_for(tmp_path, "base", f"search: {{space: none, params: {{train.eval_batch_size: {param}}}}}\n")
+    with pytest.raises(ConfigError, match=message):
+        resolve_space(study)
+
+
+def test_a_space_file_for_another_method_is_refused(tmp_path):
+    (tmp_path / "dias.yaml").write_text("method: dias\nparams: {train.lr: {type: uniform, low: 0.1, high: 0.2}}\n")
+    with pytest.raises(ConfigError, match="is for method 'dias'"):
+        resolve_space(study_for(tmp_path, "base", f"search: {{space: {tmp_path / 'dias.yaml'}}}\n"))

@@ -28,12 +28,14 @@ from trainables.data import (
     set_epoch,
 )
 from trainables.data.precomp import FOLD_IMAGES
+from trainables.budget import term_budget
 from trainables.device import autocast, choose_device
+from trainables.distributed import gather_batch
 from trainables.errors import NonFiniteLossError
 from trainables.evaluation import evaluate
 from trainables.malloc import keep_freed_memory
 from trainables.methods import build_model
-from trainables.model import ITMModel
+from trainables.model import ITMModel, LossOutput
 from trainables.text_models import load_tokenizer
 
 CHECKPOINT_FILE = "state.pt"
@@ -72,15 +74,16 @@ def seed_everything(seed: int) -> None:
 
 class TrainStep(torch.nn.Module):
     """Forward + loss terms as one module call, so DDP sees every parameter a loss uses
-    (temperatures, learnable thresholds) inside its forward."""
+    (temperatures, learnable thresholds) inside its forward. Under DDP the loss reads the whole
+    batch: every worker's per-sample outputs are gathered first (``trainables/distributed.py``)."""
 
     def __init__(self, model: ITMModel):
         super().__init__()
         self.model = model
 
-    def forward(self, batch: dict[str, torch.Tensor], epoch: int):
-        losses = self.model.loss_terms(self.model(batch), batch["image_ids"], epoch)
-        return losses.total(), losses.terms, losses.stats
+    def forward(self, batch: dict[str, torch.Tensor], epoch: int) -> LossOutput:
+        out, image_ids = gather_batch(self.model(batch), batch["image_ids"])
+        return self.model.loss_terms(out, image_ids, epoch)
 
 
 def fit(job: JobConfig, reporter: Reporter, device: torch.device | None = None) -> list[dict[str, float]]:
@@ -139,13 +142,17 @@ def train_one_epoch(net, model: ITMModel, loader, optimizer, job: JobConfig, epo
     epoch's mean loss terms and stats."""
     net.train()
     sums: dict[str, float] = {}
+    budget: dict[str, float] = {}
     steps = 0
     for step, batch in enumerate(loader):
         if job.train.max_steps_per_epoch and step >= job.train.max_steps_per_epoch:
             break
         batch = {key: value.to(device, non_blocking=True) for key, value in batch.items()}
+        if step == 0:  # once per epoch: a few extra backward passes through the encoders
+            budget = measure_budget(model, batch, job, epoch, device)
         with autocast(device, job.train.precision):
-            total, terms, stats = net(batch, epoch)
+            losses = net(batch, epoch)
+        total, terms, stats = losses.total(), losses.terms, losses.stats
         if not torch.isfinite(total):
             values = ", ".join(f"{k}={v.item():.4g}" for k, v in terms.items())
             raise NonFiniteLossError(f"non-finite loss at epoch {epoch + 1} step {step + 1} ({values})")
@@ -157,7 +164,16 @@ def train_one_epoch(net, model: ITMModel, loader, optimizer, job: JobConfig, epo
         for key, value in record.items():
             sums[key] = sums.get(key, 0.0) + float(value)
         steps += 1
-    return {key: value / max(steps, 1) for key, value in sums.items()} | {"steps": steps}
+    return {key: value / max(steps, 1) for key, value in sums.items()} | budget | {"steps": steps}
+
+
+def measure_budget(model: ITMModel, batch: dict, job: JobConfig, epoch: int, device) -> dict[str, float]:
+    """The term budget (``trainables/budget.py``) on this batch, through the unwrapped model so DDP's
+    gradient hooks stay out of it; the RNG is forked so measuring it leaves training unchanged."""
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), autocast(device, job.train.precision):
+        losses = TrainStep(model)(batch, epoch)
+        return term_budget(losses.terms, losses.weights, model.shared_parameters())
 
 
 def finite(metrics: dict) -> dict[str, float]:

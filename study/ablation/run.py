@@ -26,7 +26,7 @@ from study.layout import (
     read_parent,
     write_parent,
 )
-from study.preflight import check_data
+from study.preflight import check_study
 from study.ray_session import connect
 from study.results import ablation_table, is_finished
 from trainables.errors import ConfigError
@@ -76,7 +76,7 @@ def run_ablation(study, from_study: str | None = None, address: str | None = Non
     from study.tuner import build_ablation_tuner, trial_records
 
     plan = plan_ablation(study, from_study)
-    check_data(plan.study.data)
+    check_study(plan.study)
     ablation_dir = ablation_dir_of(plan.study)
     state = state_of(ablation_dir)  # like `study run`: an existing ablation is never overwritten
     if state == "finished":
@@ -84,8 +84,8 @@ def run_ablation(study, from_study: str | None = None, address: str | None = Non
     if state == "unfinished":
         raise ConfigError(f"ablation {plan.name!r} exists at {ablation_dir} but did not finish: continue it with "
                           "`python -m study ablate STUDY.yaml --resume`, or choose another name, e.g. --set name=NEW")
+    connect(address)  # a bad address or token fails here, before anything is written
     parent = prepare(plan, ablation_dir)
-    connect(address)
     tuner = build_ablation_tuner(plan.study, plan.name, plan.jobs, list(plan.seeds), AblationRuns(plan, parent))
     return finish(plan, ablation_dir, parent, trial_records(tuner.fit()))
 
@@ -101,7 +101,7 @@ def resume_ablation(study, address: str | None = None) -> AblationOutcome:
     if state == "finished":
         raise finished_error(f"{study.name}-ablation", ablation_dir)
     plan = replace(plan_ablation(load_stored_study(ablation_dir)), source=read_meta(ablation_dir)["source"])
-    check_data(plan.study.data)
+    check_study(plan.study)
     parent = read_parent(ablation_dir)
     connect(address)
     if (ablation_dir / TUNER_STATE).exists():

@@ -23,14 +23,14 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from study.ablation.run import (  # imports Ray: keep --help and errors fast
+    if args.resume and args.from_study:
+        raise ConfigError("--resume continues with the values the ablation started with; drop --from-study")
+    study = load_study(args.study, [*args.overrides, *seeds_override(args.seeds)])
+    from study.ablation.run import (  # imports Ray and MLflow: keep --help and study-file errors fast
         resume_ablation,
         run_ablation,
     )
 
-    if args.resume and args.from_study:
-        raise ConfigError("--resume continues with the values the ablation started with; drop --from-study")
-    study = load_study(args.study, [*args.overrides, *seeds_override(args.seeds)])
     if args.resume:
         outcome = resume_ablation(study, address=args.address)
     else:

@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 from trainables.data.precomp import check_dataset, describe
 from trainables.data.synth import SynthParams, write_synth
-from trainables.errors import DataError
+from trainables.errors import ConfigError, DataError
 
 DEFAULTS = SynthParams()
 
@@ -18,7 +19,8 @@ def add_parser(subparsers) -> None:
                                    description=__doc__)
     sub = parser.add_subparsers(dest="data_command", required=True)
     synth = sub.add_parser("synth", help="write the synthetic benchmark (train/dev/test) in the precomp layout")
-    synth.add_argument("--out", required=True, help="output directory (created if needed)")
+    synth.add_argument("--out", required=True, help="output directory (created if needed; must be empty)")
+    synth.add_argument("--force", action="store_true", help="write into a non-empty --out, replacing its files")
     synth.add_argument("--images", type=int, default=DEFAULTS.images,
                        help="train images; dev gets max(100, N/4), test N/2 (default %(default)s)")
     synth.add_argument("--seed", type=int, default=DEFAULTS.seed, help="scene/caption seed (default %(default)s)")
@@ -42,7 +44,18 @@ def run(args: argparse.Namespace) -> int:
     return {"synth": run_synth, "check": run_check}[args.data_command](args)
 
 
+def check_out(out: Path, force: bool) -> None:
+    """``--out`` is a directory to create, or an empty one; a dataset there is never overwritten
+    silently (splits the benchmark does not write would survive beside it)."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"data synth --out {out}: is a file, not a directory; name a new directory")
+    if out.is_dir() and not force and any(out.iterdir()):
+        raise ConfigError(f"data synth --out {out}: the directory is not empty; name a new directory, "
+                          "or add --force to replace its files")
+
+
 def run_synth(args: argparse.Namespace) -> int:
+    check_out(Path(args.out), args.force)
     start = time.perf_counter()
     meta = write_synth(args.out, images=args.images, seed=args.seed, regions=args.regions,
                        feature_dim=args.feature_dim, gap=args.gap, noise=args.noise,

@@ -15,9 +15,9 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from study.search import run_study
-
     study = load_study(args.study, args.overrides)
+    from study.search import run_study  # loads pandas and, once every check has passed, Ray
+
     return report(run_study(study, address=args.address), study)
 
 

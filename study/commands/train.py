@@ -18,9 +18,9 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from study.train import run_training  # imports Ray: keep `--help` and config errors fast
-
     study = load_study(args.study, args.overrides)
+    from study.train import run_training  # Ray loads once every check has passed
+
     result = run_training(study, address=args.address, resume=args.resume)
     print_metrics(result.final, title=f"{study.name}: {study.method}, {study.train.epochs} epochs")
     print(f"\nrun directory : {result.run_dir}")

@@ -21,7 +21,7 @@ from study.layout import OPTUNA_JOURNAL, REPORT_DIR, RESULTS_FILE, load_stored_s
 from study.report.html import html_page
 from study.report.plots import grid_figures, optuna_figures
 from study.report.trial_dirs import read_trial_dirs
-from study.results import RETRIEVAL
+from study.results import BUDGET_PREFIX, RETRIEVAL
 from trainables.errors import ConfigError
 
 
@@ -85,6 +85,10 @@ def study_report(study_dir: Path, top: int) -> Report:
     table = top_trials(trials, names, metric, study.search.mode, top)
     summary = summary_lines(study, trials, names)
     tables = {f"Top {len(table)} trials by {metric}": table}
+    shown = trials.set_index("trial_id").loc[list(table["trial_id"])].reset_index()
+    budget = budget_table(shown, "trial_id")
+    if budget is not None:
+        tables[BUDGET_HEADING] = budget
     if figures.importances:
         tables["Parameter importances"] = pd.DataFrame(
             {"parameter": list(figures.importances), "importance": [f"{v:.3f}" for v in figures.importances.values()]})
@@ -93,6 +97,21 @@ def study_report(study_dir: Path, top: int) -> Report:
     files = write_report(out, study.name, summary, tables, figures.files, notes, markdown)
     log_to_parent(study, parent, out, REPORT_DIR)
     return Report(out, markdown, files, notes)
+
+
+BUDGET_HEADING = "Term budget (each loss term's share of the encoders' gradient norm, last epoch)"
+
+
+def budget_table(trials: pd.DataFrame, by: str) -> pd.DataFrame | None:
+    """Mean ``budget/<term>`` share per ``by`` (a trial, or an ablation row over its seeds), in %.
+    None when the trials logged no budget (results from before it was measured)."""
+    columns = [c for c in trials.columns if c.startswith(BUDGET_PREFIX)]
+    if not columns or trials.empty:
+        return None
+    means = trials.groupby(by, sort=False)[columns].mean()
+    table = means.apply(lambda column: column.map(lambda v: "–" if v != v else f"{100 * v:.1f} %"))
+    table.columns = [c.removeprefix(BUDGET_PREFIX) for c in columns]
+    return table.reset_index()
 
 
 def summary_lines(study, trials: pd.DataFrame, params: list[str]) -> list[str]:
@@ -130,6 +149,9 @@ def ablation_report(ablation_dir: Path) -> Report:
     meta = read_meta(ablation_dir)
     trials, notes = load_trials(ablation_dir, meta["epochs"])
     markdown, files = write_tables(trials, meta, ablation_dir)
+    budget = budget_table(trials, "variant")
+    if budget is not None:
+        markdown += f"\n\n## {BUDGET_HEADING}\n\n{markdown_table(budget)}\n"
     parent = read_parent(ablation_dir)
     for path in files:
         log_to_parent(study, parent, path, None)
