@@ -87,6 +87,11 @@ class ITMModel(nn.Module):
         sims = self.similarity(out["img_emb"], out["txt_emb"])
         return LossOutput(terms={"align": self.align(sims, image_ids, epoch)})
 
+    def shared_parameters(self) -> list[nn.Parameter]:
+        """The encoders every loss term of every method reaches: the term budget is measured on these."""
+        return [p for module in (self.image_encoder, self.text_encoder) for p in module.parameters()
+                if p.requires_grad]
+
     def param_groups(self, lr: float, text_lr_scale: float) -> list[dict]:
         """The pretrained text backbone learns at ``lr * text_lr_scale``; everything else at ``lr``.
         Scalars (temperatures, learnable thresholds, mixing weights) are exempt from weight decay,
