@@ -8,15 +8,17 @@ import pytest
 import torch
 from torch.autograd import gradcheck
 
-from trainables.config import JobConfig, ModelConfig
+from trainables.budget import term_budget
+from trainables.config import JobConfig, ModelConfig, TrainConfig
 from trainables.errors import ConfigError
+from trainables.loop import TrainStep
 from trainables.methods import get_method
 from trainables.methods.dias import DiasConfig
 from trainables.methods.dias import losses as dl
 from trainables.text_models import load_tokenizer
 
 f64 = torch.float64
-DIM_VARIANTS = ("barlow", "diag_share", "dim_infonce")
+DIM_VARIANTS = ("barlow", "diag_share", "dim_infonce", "diag_share_sum")
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -51,12 +53,16 @@ def naive_dim_loss(variant, corr, lambda_offdiag=0.05, tau=0.1):
     if variant == "barlow":
         return sum((1 - c[i][i]) ** 2 + lambda_offdiag * sum(c[i][j] ** 2 for j in range(d) if j != i)
                    for i in range(d)) / d
-    if variant == "diag_share":
-        return -sum(c[i][i] / sum(abs(c[i][j]) for j in range(d)) + c[i][i] / sum(abs(c[j][i]) for j in range(d))
-                    for i in range(d)) / d
-    rows = sum(-c[i][i] / tau + math.log(sum(math.exp(c[i][j] / tau) for j in range(d))) for i in range(d)) / d
-    cols = sum(-c[i][i] / tau + math.log(sum(math.exp(c[j][i] / tau) for j in range(d))) for i in range(d)) / d
-    return (rows + cols) / 2
+    if variant in ("diag_share", "diag_share_sum"):
+        total = -sum(c[i][i] / sum(abs(c[i][j]) for j in range(d))
+                     + c[i][i] / sum(abs(c[j][i]) for j in range(d)) for i in range(d))
+        mean_abs = sum(abs(c[i][j]) for i in range(d) for j in range(d)) / d**2
+        return total if variant == "diag_share_sum" else mean_abs * total
+    rows = sum(-c[i][i] / tau + math.log(sum(math.exp(c[i][j] / tau) for j in range(d)))
+               for i in range(d)) / d
+    cols = sum(-c[i][i] / tau + math.log(sum(math.exp(c[j][i] / tau) for j in range(d)))
+               for i in range(d)) / d
+    return tau * (rows + cols) / 2
 
 
 def naive_cos(x, y):
@@ -93,6 +99,30 @@ def naive_spatial_loss(delta, weight):
     n = delta.shape[0]
     num = sum(float(weight[i, j]) * float(delta[i, j]) ** 2 for i in range(n) for j in range(n))
     return num / max(float(weight.sum()), 1e-8)
+
+
+def naive_violation_mask(delta, valid, k):
+    """Keep (i, j) when Δ_ij exceeds μ + kσ of sigmoid(−Δ) over row i's and column j's valid entries."""
+    b = delta.shape[0]
+
+    def threshold(values):
+        p = [1 / (1 + math.exp(float(v))) for v in values]
+        mu = sum(p) / len(p)
+        return mu + k * math.sqrt(max(sum((x - mu) ** 2 for x in p) / len(p), 1e-12))
+
+    rows = [threshold([delta[i, j] for j in range(b) if valid[i, j]]) for i in range(b)]
+    cols = [threshold([delta[i, j] for i in range(b) if valid[i, j]]) for j in range(b)]
+    mask = torch.zeros_like(delta)
+    for i in range(b):
+        for j in range(b):
+            value = float(delta[i, j])
+            mask[i, j] = float(bool(valid[i, j]) and value > rows[i] and value > cols[j])
+    return mask
+
+
+def naive_spatial_sum(delta, mask):
+    n = delta.shape[0]
+    return sum((float(mask[i, j]) * float(delta[i, j])) ** 2 for i in range(n) for j in range(n))
 
 
 def naive_cross_attend(regions, region_mask, words, word_mask, tau):
@@ -141,21 +171,48 @@ def test_cross_attend_matches_loop():
     torch.testing.assert_close(fast[1][word_mask], slow[1][word_mask])
 
 
-def test_dim_alignment_rows_matches_loop_and_equalises_counts():
+@pytest.mark.parametrize("max_rows", [None, 6])
+def test_dim_alignment_rows_matches_loop_and_equalises_counts(max_rows):
     regions, region_mask, words, word_mask = random_tokens()
     w4r, r4w = dl.cross_attend(regions, region_mask, words, word_mask, 0.3)
-    for max_rows in (None, 6):
-        m_v, m_t = dl.dim_alignment_rows(regions, region_mask, words, word_mask, w4r, r4w, max_rows)
-        region_pos = [(n, i) for n in range(3) for i in range(4) if region_mask[n, i]]  # 11
-        word_pos = [(n, w) for n in range(3) for w in range(5) if word_mask[n, w]]  # 10
-        count = min(len(region_pos), len(word_pos), (max_rows or 10**9) // 2)
-        picked_r = [region_pos[i * len(region_pos) // count] for i in range(count)]
-        picked_w = [word_pos[i * len(word_pos) // count] for i in range(count)]
-        ref_v = torch.stack([regions[p] for p in picked_r] + [r4w[p] for p in picked_w])
-        ref_t = torch.stack([w4r[p] for p in picked_r] + [words[p] for p in picked_w])
-        assert m_v.shape == m_t.shape == (2 * count, 6)
-        torch.testing.assert_close(m_v, ref_v)
-        torch.testing.assert_close(m_t, ref_t)
+    m_v, m_t = dl.dim_alignment_rows(regions, region_mask, words, word_mask, w4r, r4w, max_rows,
+                                     torch.Generator().manual_seed(5))
+    region_pos = [(n, i) for n in range(3) for i in range(4) if region_mask[n, i]]  # 11
+    word_pos = [(n, w) for n in range(3) for w in range(5) if word_mask[n, w]]  # 10
+    count = min(len(region_pos), len(word_pos), (max_rows or 10**9) // 2)
+    gen = torch.Generator().manual_seed(5)  # the same draws, regions first
+    picked_r = [region_pos[int(i)] for i in dl.subsample(len(region_pos), count, gen)]
+    picked_w = [word_pos[int(i)] for i in dl.subsample(len(word_pos), count, gen)]
+    ref_v = torch.stack([regions[p] for p in picked_r] + [r4w[p] for p in picked_w])
+    ref_t = torch.stack([w4r[p] for p in picked_r] + [words[p] for p in picked_w])
+    assert m_v.shape == m_t.shape == (2 * count, 6)
+    torch.testing.assert_close(m_v, ref_v)
+    torch.testing.assert_close(m_t, ref_t)
+    if max_rows is None:  # the fewer kind (words) is used whole, in order
+        assert picked_w == word_pos
+
+
+def test_subsample_takes_all_or_a_sorted_random_subset():
+    assert torch.equal(dl.subsample(5, 5), torch.arange(5))
+    assert torch.equal(dl.subsample(5, 9), torch.arange(5))
+    picks = [dl.subsample(20, 6, torch.Generator().manual_seed(seed)) for seed in range(50)]
+    assert all(len(set(p.tolist())) == 6 and torch.equal(p, p.sort().values) for p in picks)
+    assert set(torch.cat(picks).tolist()) == set(range(20))  # every position can be drawn
+    assert torch.equal(picks[0], dl.subsample(20, 6, torch.Generator().manual_seed(0)))  # reproducible
+
+
+def test_every_region_slot_enters_dim_rows():
+    """Batch 128 x 36 regions, 512 rows per kind: an even stride of 9 picked only slots 0, 9, 18, 27."""
+    b, r, d = 128, 36, 2
+    slot = torch.arange(r, dtype=torch.float32).expand(b, r)
+    regions = torch.stack([slot, torch.zeros(b, r)], dim=-1)  # feature 0 = the region's slot
+    region_mask, word_mask = torch.ones(b, r, dtype=torch.bool), torch.ones(b, 12, dtype=torch.bool)
+    words = torch.zeros(b, 12, d)
+    gen = torch.Generator().manual_seed(0)
+    m_v, _ = dl.dim_alignment_rows(regions, region_mask, words, word_mask, torch.zeros(b, r, d),
+                                   torch.zeros(b, 12, d), max_rows=1024, generator=gen)
+    slots = m_v[:512, 0].long()
+    assert len(slots) == 512 and set(slots.tolist()) == set(range(r))
 
 
 def test_cross_correlation_matches_loop():
@@ -176,12 +233,14 @@ def test_cross_correlation_float32_is_accurate_with_offset_columns():
 # --- L_dim ---------------------------------------------------------------------------------
 
 
-def dim_loss(variant, corr):
+def dim_loss(variant, corr, tau=0.1):
     if variant == "barlow":
         return dl.barlow_dim_loss(corr, 0.05)
     if variant == "diag_share":
         return dl.diag_share_dim_loss(corr)
-    return dl.infonce_dim_loss(corr, 0.1)
+    if variant == "diag_share_sum":
+        return dl.diag_share_sum_dim_loss(corr)
+    return dl.infonce_dim_loss(corr, tau)
 
 
 @pytest.mark.parametrize("variant", DIM_VARIANTS)
@@ -205,11 +264,49 @@ def test_dim_loss_values_at_identity_correlation():
     eye = torch.eye(5, dtype=f64)
     assert dl.barlow_dim_loss(eye, 1.0) == 0
     assert dl.barlow_dim_loss(torch.zeros(5, 5, dtype=f64), 1.0) == 1  # uncorrelated: (1 - 0)² per dim
-    assert dl.diag_share_dim_loss(eye) == -2
+    assert dl.diag_share_sum_dim_loss(eye) == -10  # −2 per dimension, summed
+    assert dl.diag_share_dim_loss(eye).item() == pytest.approx(-2)  # mean|I| = 1/d
     assert dl.infonce_dim_loss(eye, 0.1) < dl.infonce_dim_loss(eye.flip(0), 0.1)
     # off-diagonal correlations cost λ_off each (divided by d)
     ones = torch.ones(5, 5, dtype=f64)
     assert dl.barlow_dim_loss(ones, 0.5).item() == pytest.approx(0.5 * 20 / 5)
+
+
+def init_like_correlation(d, seed):
+    """A correlation matrix as at init: weak (|C| ~ 0.03), slightly positive diagonal."""
+    gen = torch.Generator().manual_seed(seed)
+    corr = 0.03 * torch.randn(d, d, generator=gen, dtype=f64) + 0.02 * torch.eye(d, dtype=f64)
+    return corr.requires_grad_()
+
+
+def grad_norm(loss_fn, corr):
+    (grad,) = torch.autograd.grad(loss_fn(corr), corr)
+    return float(grad.norm())
+
+
+@pytest.mark.parametrize("d", [64, 512])
+def test_dim_variants_have_comparable_gradient_scales(d):
+    """λ_dim means the same for barlow, diag_share and dim_infonce (within 3x) at any d; the literal
+    sum form is not normalised and grows as 1/mean|C|."""
+    corr = init_like_correlation(d, seed=21)
+    barlow = grad_norm(lambda c: dl.barlow_dim_loss(c, 5e-3), corr)
+    assert 2 / math.sqrt(d) * 0.9 < barlow < 2 / math.sqrt(d) * 1.1  # ∂/∂C_ii ≈ −2/d
+    for variant in ("diag_share", "dim_infonce"):
+        assert 1 / 3 < grad_norm(lambda c: dim_loss(variant, c), corr) / barlow < 3, variant
+    assert grad_norm(dl.diag_share_sum_dim_loss, corr) / barlow > 10
+
+
+def test_dim_infonce_gradient_does_not_depend_on_temperature():
+    corr = init_like_correlation(128, seed=22)
+    norms = [grad_norm(lambda c: dl.infonce_dim_loss(c, tau), corr) for tau in (0.05, 0.1, 0.5)]
+    assert max(norms) / min(norms) < 1.3, norms
+
+
+def test_diag_share_is_the_sum_form_times_detached_mean_magnitude():
+    corr = init_like_correlation(16, seed=23)
+    (normalised,) = torch.autograd.grad(dl.diag_share_dim_loss(corr), corr)
+    (summed,) = torch.autograd.grad(dl.diag_share_sum_dim_loss(corr), corr)
+    torch.testing.assert_close(normalised, corr.abs().mean().detach() * summed)
 
 
 # --- spatial constraints and the sparse mask -----------------------------------------------
@@ -289,6 +386,44 @@ def test_soft_mask_passes_gradient_to_k():
     assert k.grad is not None and k.grad.abs() > 0
 
 
+def symmetric_delta(b, seed, scale=1.0):
+    gen = torch.Generator().manual_seed(seed)
+    x = scale * torch.rand(b, b, generator=gen, dtype=f64)
+    return (x + x.t()).fill_diagonal_(0)
+
+
+@pytest.mark.parametrize("k", [0.0, 0.7])
+def test_violation_mask_matches_loop(k):
+    delta = symmetric_delta(7, seed=30)
+    valid = unmatched(7, [0, 1, 2, 2, 3, 4, 5])
+    fast = dl.violation_mask(delta, valid, k)
+    assert torch.equal(fast, naive_violation_mask(delta, valid, k))
+    assert fast.sum() > 0 and torch.equal(fast, fast.t()) and fast[~valid].eq(0).all()
+
+
+def test_violation_mask_thinner_as_k_grows_and_compares_delta_with_sigmoid_units():
+    delta, valid = symmetric_delta(24, seed=31), unmatched(24)
+    kept = [float(dl.violation_mask(delta, valid, k).sum()) for k in (0.0, 0.5, 1.0, 2.0)]
+    assert all(a >= b for a, b in zip(kept, kept[1:])) and kept[0] > kept[-1], kept
+    # sigmoid(−Δ) >= 0.45 when Δ <= 0.2, so small violations are never kept however low k is
+    assert dl.violation_mask(symmetric_delta(24, seed=32, scale=0.1), valid, 0.0).sum() == 0
+
+
+def test_spatial_sum_matches_loop():
+    delta, mask = symmetric_delta(5, seed=33), (symmetric_delta(5, seed=34) > 1).to(f64)
+    assert dl.spatial_sum(delta, mask).item() == pytest.approx(naive_spatial_sum(delta, mask))
+    assert dl.spatial_sum(delta, torch.zeros_like(mask)) == 0
+
+
+def test_spatial_terms_in_the_two_normalisations():
+    """relation: a weighted *mean* (does not grow when more pairs are kept); violation: a *sum*."""
+    delta = torch.full((6, 6), 0.5, dtype=f64).fill_diagonal_(0)
+    few, many = unmatched(6).to(f64) * 0, unmatched(6).to(f64)
+    few[0, 1] = few[1, 0] = 1
+    assert dl.spatial_loss(delta, few) == dl.spatial_loss(delta, many) == 0.25
+    assert dl.spatial_sum(delta, few) == 2 * 0.25 and dl.spatial_sum(delta, many) == 30 * 0.25
+
+
 # --- gradcheck (float64, small) ------------------------------------------------------------
 
 
@@ -302,8 +437,10 @@ def test_gradcheck_cross_attend():
     assert gradcheck(lambda r, w: dl.cross_attend(r, region_mask, w, word_mask, 0.5), (regions, words))
 
 
-@pytest.mark.parametrize("variant", DIM_VARIANTS)
+@pytest.mark.parametrize("variant", [v for v in DIM_VARIANTS if v != "diag_share"])
 def test_gradcheck_dim_losses(variant):
+    """``diag_share``'s detached factor is not differentiated by design: its gradient is checked
+    against the sum form's in test_diag_share_is_the_sum_form_times_detached_mean_magnitude."""
     m_v, m_t = leaf(8, 5, seed=13), leaf(8, 5, seed=14)
     assert gradcheck(lambda a, b: dim_loss(variant, dl.cross_correlation(a, b)), (m_v, m_t))
 
@@ -318,6 +455,18 @@ def test_gradcheck_spatial_terms(delta_fn):
         return dl.spatial_loss(delta_fn(img, txt), weight)
 
     assert gradcheck(term, (img, txt, k))
+
+
+def test_gradcheck_violation_term():
+    """The violation mask is constant (hard, from detached Δ); the sum is differentiable in both Δ."""
+    img, txt = leaf(5, 4, seed=17), leaf(5, 4, seed=18)
+    valid = unmatched(5)
+
+    def term(img, txt):
+        delta = dl.inter_delta(img, txt) + dl.intra_delta(img, txt)
+        return dl.spatial_sum(delta, dl.violation_mask(delta.detach(), valid, 0.0))
+
+    assert term(img, txt) > 0 and gradcheck(term, (img, txt))
 
 
 # --- NaN guards ----------------------------------------------------------------------------
@@ -344,10 +493,10 @@ def test_all_identical_embeddings_give_finite_terms_and_gradients(variant, hard)
 IMAGE_DIM = 16
 
 
-def make_model(**params):
+def make_model(loss="triplet", **params):
     spec = get_method("dias")
     job = JobConfig(method="dias", model=ModelConfig(text_encoder="tiny", embed_dim=32),
-                    method_params=spec.parse_section(params).model_dump())
+                    train=TrainConfig(loss=loss), method_params=spec.parse_section(params).model_dump())
     torch.manual_seed(0)
     return spec.build(job, IMAGE_DIM).eval()  # eval: no dropout, so two builds compare exactly
 
@@ -379,15 +528,84 @@ def test_model_loss_finite_and_gradients_reach_every_parameter():
     model, batch = make_model(), build_batch()
     out, loss = run(model, batch)
     assert set(loss.terms) == {"align", "dim", "inter", "intra"}
-    assert loss.weights == {"align": 1.0, "dim": 10.0, "inter": 0.05, "intra": 0.1}
-    assert 0 < loss.stats["mask_density"] < 1 and loss.stats["sparsity_k"] == 1.0
+    assert loss.weights == {"align": 1.0, "dim": 1.0, "inter": 20.0, "intra": 2.0}
+    assert 0 < loss.stats["mask_density"] < 1 and loss.stats["sparsity_k"] == pytest.approx(1.0)
     total = loss.total()
     assert torch.isfinite(total)
     total.backward()
     missing = [name for name, p in model.named_parameters() if p.requires_grad and p.grad is None]
     assert not missing
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
-    assert model.sparsity_k.grad.abs() > 0
+    assert model.sparsity_k_logit.grad.abs() > 0
+
+
+@pytest.mark.parametrize("loss,scale", [("triplet", 6), ("infonce", 1)])
+@pytest.mark.parametrize("sparse_on", ["relation", "violation"])
+def test_terms_are_the_pure_functions_times_the_batch_scale(loss, scale, sparse_on):
+    """Each DIAS term = its pure function of the batch's tensors x B for the summed hinge, x 1 for InfoNCE."""
+    model = make_model(loss, sparse_on=sparse_on, sparsity_k=0.0, sparsity_learnable=False)
+    batch = build_batch()
+    out, losses = run(model, batch)
+    img, txt, ids = out["img_emb"], out["txt_emb"], batch["image_ids"]
+    corr = dl.cross_correlation(*model.dim_rows(out, ids))
+    expected_dim = scale * dl.barlow_dim_loss(corr, 5e-3).item()
+    assert losses.terms["dim"].item() == pytest.approx(expected_dim, rel=1e-5)
+    valid = unmatched(6, ids.tolist())
+    for name, delta_fn in (("inter", dl.inter_delta), ("intra", dl.intra_delta)):
+        delta = delta_fn(img, txt)
+        if sparse_on == "relation":
+            weight = dl.sparse_mask(dl.relation_strength(img @ txt.t()), valid, 0.0, 0.05)
+            expected = dl.spatial_loss(delta, weight)
+        else:
+            expected = dl.spatial_sum(delta, dl.violation_mask(delta, valid, 0.0))
+        assert losses.terms[name].item() == pytest.approx(scale * expected.item(), rel=1e-5, abs=1e-12)
+
+
+def test_forward_is_per_sample_and_the_loss_reads_the_gathered_batch():
+    """What DDP relies on (trainables/distributed.py): forward outputs of two halves, concatenated,
+    are the whole batch's, and loss_terms on that concatenation is the whole batch's loss."""
+    model, batch = make_model(), build_batch()
+    whole = model(batch)
+    halves = [model({k: v[sl] for k, v in batch.items()}) for sl in (slice(0, 4), slice(4, 6))]
+    for key, value in whole.items():
+        assert value.shape[0] == 6, key  # every output is per sample
+        torch.testing.assert_close(torch.cat([h[key] for h in halves]), value, msg=key)
+    gathered = {key: torch.cat([h[key] for h in halves]) for key in whole}
+    ids = batch["image_ids"]
+    for name, value in model.loss_terms(whole, ids, 1).terms.items():
+        torch.testing.assert_close(model.loss_terms(gathered, ids, 1).terms[name], value, msg=name)
+
+
+def test_dim_rows_use_every_slot_and_are_reproducible_per_batch():
+    model = make_model()
+    batch = build_batch(b=6, regions=5, length=3)  # fewer words than regions: regions are subsampled
+    batch["region_mask"][:] = True
+    out = model(batch)
+    ids = batch["image_ids"]
+    first = model.dim_rows(out, ids)[0]
+    torch.testing.assert_close(model.dim_rows(out, ids)[0], first)  # same batch, same rows (every DDP rank)
+    tokens = out["img_tokens"].reshape(-1, 32)
+    slots = set()
+    for shift in range(10):  # other batches (ids) draw other rows
+        rows = model.dim_rows(out, ids + 10 * shift)[0]
+        n_words = int(batch["attention_mask"].sum())
+        picked = (rows[:n_words].unsqueeze(1) == tokens.unsqueeze(0)).all(-1).nonzero()[:, 1]
+        slots |= {int(p) % 5 for p in picked}
+    assert slots == set(range(5))
+
+
+def test_spatial_terms_are_float32_under_bf16_autocast():
+    """Δ and the mask statistics are computed in fp32 from the (bf16-produced) embeddings."""
+    model, batch = make_model(), build_batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, losses = run(model, batch)
+    img, txt = out["img_emb"].float(), out["txt_emb"].float()
+    ids = batch["image_ids"]
+    weight = model.pair_weights(img, txt, ids)
+    for name, delta_fn in (("inter", dl.inter_delta), ("intra", dl.intra_delta)):
+        assert losses.terms[name].dtype == torch.float32
+        expected = 6 * dl.spatial_loss(delta_fn(img, txt), weight)
+        torch.testing.assert_close(losses.terms[name], expected, rtol=1e-5, atol=1e-9)
 
 
 def test_retrieval_embeddings_are_per_modality():
@@ -402,7 +620,7 @@ def test_retrieval_embeddings_are_per_modality():
 def test_same_image_pairs_get_no_weight():
     model, batch = make_model(), build_batch()
     out = model(batch)
-    weight = model.pair_weights(model.similarity(out["img_emb"], out["txt_emb"]), batch["image_ids"])
+    weight = model.pair_weights(out["img_emb"], out["txt_emb"], batch["image_ids"])
     assert weight[2, 3] == 0 and weight[3, 2] == 0 and weight.diagonal().eq(0).all()
 
 
@@ -434,19 +652,105 @@ def test_without_spatial_terms_only_loc_and_dim_remain():
     assert set(loss.terms) == {"align", "dim"} and "mask_density" not in loss.stats
 
 
+def test_violation_rule_has_a_mask_per_term_and_a_fixed_k():
+    model = make_model(sparse_on="violation", sparsity_k=0.0)
+    _, loss = run(model, build_batch())
+    assert "sparsity_k" in dict(model.named_buffers()) and "mask_density" not in loss.stats
+    assert {"mask_density_inter", "mask_density_intra"} <= set(loss.stats)
+
+
 @pytest.mark.parametrize("params,learnable", [({}, True), ({"sparsity_learnable": False}, False),
-                                              ({"sparsity_mode": "hard"}, False)])
+                                              ({"sparsity_mode": "hard"}, False),
+                                              ({"sparse_on": "violation"}, False)])
 def test_k_is_a_parameter_only_when_learnable(params, learnable):
     model = make_model(**params)
-    assert ("sparsity_k" in dict(model.named_parameters())) is learnable
+    assert ("sparsity_k_logit" in dict(model.named_parameters())) is learnable
     assert ("sparsity_k" in dict(model.named_buffers())) is not learnable
+    assert float(model.threshold_k().detach()) == pytest.approx(1.0)
+
+
+# --- the bounded learnable k ----------------------------------------------------------------
+
+
+def k_optimizer(model, lr=5e-4):
+    """AdamW over k's own param group as ``fit`` builds it (θ at lr × sparsity_lr_scale, no decay)."""
+    return torch.optim.AdamW([g for g in model.param_groups(lr, 0.1) if g["name"] == "sparsity_k"],
+                             weight_decay=0.01)
+
+
+def test_k_has_its_own_param_group_at_a_reduced_lr_without_decay():
+    model = make_model(sparsity_lr_scale=0.1)
+    groups = {g["name"]: g for g in model.param_groups(5e-4, 0.1)}
+    assert groups["sparsity_k"]["params"] == [model.sparsity_k_logit]
+    assert groups["sparsity_k"]["lr"] == pytest.approx(5e-5) and groups["sparsity_k"]["weight_decay"] == 0
+    others = [p for name, g in groups.items() if name != "sparsity_k" for p in g["params"]]
+    assert all(p is not model.sparsity_k_logit for p in others)
+    assert len(others) + 1 == len([p for p in model.parameters() if p.requires_grad])
+
+
+@pytest.mark.parametrize("k0", [0.0, 1.0, 4.9])
+def test_k_never_leaves_its_range_under_a_relentless_gradient(k0):
+    """AdamW moves θ by ≈ lr per step whatever the gradient: an unbounded k would walk off."""
+    for direction in (1.0, -1.0):
+        model = make_model(sparsity_k=k0)
+        optimizer = k_optimizer(model, lr=0.3)  # θ's lr 3e-2: 1000 steps could move θ by ~30
+        for _ in range(1000):
+            model.sparsity_k_logit.grad = None
+            (direction * model.threshold_k()).backward()
+            optimizer.step()
+            assert 0.0 <= float(model.threshold_k().detach()) <= 5.0
+        bound = 0.0 if direction > 0 else 5.0
+        assert float(model.threshold_k().detach()) == pytest.approx(bound, abs=0.05)
+
+
+def push_k(model, optimizer, steps, grad):
+    for _ in range(steps):
+        model.sparsity_k_logit.grad = grad() if callable(grad) else torch.tensor(grad)
+        optimizer.step()
+    return float(model.threshold_k().detach())
+
+
+def test_k_stays_near_its_init_without_gradient_signal():
+    """At train.lr 5e-4 (θ at 5e-5): no gradient leaves k unchanged, zero-mean noise barely moves it,
+    and even 2000 steps of one-signed gradient move it by < 0.1 (an unbounded k at lr 5e-4: by 1.0)."""
+    model = make_model(sparsity_k=1.0)
+    assert push_k(model, k_optimizer(model), 100, 0.0) == pytest.approx(1.0)
+    gen = torch.Generator().manual_seed(0)
+    model = make_model(sparsity_k=1.0)
+    assert abs(push_k(model, k_optimizer(model), 2000, lambda: torch.randn((), generator=gen)) - 1.0) < 0.02
+    model = make_model(sparsity_k=1.0)
+    assert abs(push_k(model, k_optimizer(model), 2000, -1.0) - 1.0) < 0.1
+
+
+# --- the term budget -----------------------------------------------------------------------
+
+
+def test_every_weighted_term_has_a_share_between_1_and_80_percent_at_the_defaults():
+    """METHODS.md "Rules for both methods": a fresh model, shipped defaults, batch 32 of 12 regions,
+    post-warm-up loss (docs/methods.md "Term budget" has the numbers for other sizes and after training)."""
+    gen = torch.Generator().manual_seed(0)
+    b, r, length = 32, 12, 10
+    batch = {"images": torch.randn(b, r, 32, generator=gen),
+             "region_mask": torch.ones(b, r, dtype=torch.bool),
+             "input_ids": torch.randint(0, 100, (b, length), generator=gen),
+             "attention_mask": torch.ones(b, length, dtype=torch.long), "image_ids": torch.arange(b)}
+    torch.manual_seed(0)
+    job = JobConfig(method="dias", model=ModelConfig(text_encoder="tiny", embed_dim=64))
+    model = get_method("dias").build(job, 32)
+    losses = TrainStep(model)(batch, 1)
+    shares = term_budget(losses.terms, losses.weights, model.shared_parameters())
+    shares = {k.removeprefix("budget/"): v for k, v in shares.items() if k.startswith("budget/")}
+    assert set(shares) == {"align", "dim", "inter", "intra"}
+    assert all(0.01 <= share <= 0.80 for share in shares.values()), shares
 
 
 @pytest.mark.parametrize("variant", DIM_VARIANTS)
-@pytest.mark.parametrize("mode", ["soft", "hard"])
-@pytest.mark.parametrize("batch", [build_batch(b=2), build_batch(identical=True)], ids=["batch2", "identical"])
+@pytest.mark.parametrize("mode", ["soft", "hard", "violation"])
+@pytest.mark.parametrize("batch", [build_batch(b=2), build_batch(identical=True)],
+                         ids=["batch2", "identical"])
 def test_no_nan_with_batch_of_two_or_identical_pairs(variant, mode, batch):
-    model = make_model(dim_loss=variant, sparsity_mode=mode).train()
+    params = {"sparse_on": "violation"} if mode == "violation" else {"sparsity_mode": mode}
+    model = make_model(dim_loss=variant, **params).train()
     _, loss = run(model, batch)
     total = loss.total()
     total.backward()
@@ -460,12 +764,16 @@ def test_no_nan_with_batch_of_two_or_identical_pairs(variant, mode, batch):
 def test_section_defaults_and_validation():
     spec = get_method("dias")
     assert spec.parse_section({}) == DiasConfig()
-    assert DiasConfig().lambda_dim == 10.0 and DiasConfig().dim_loss == "barlow"
-    for bad in ({"lambda_dim": -1}, {"dim_loss": "cosine"}, {"sparsity_mode": "topk"}, {"mask_temperature": 0},
-                {"sparsity_k": 9}, {"lamda_dim": 1.0}):
+    assert DiasConfig().lambda_dim == 1.0 and DiasConfig().dim_loss == "barlow"
+    assert DiasConfig().sparse_on == "relation"
+    for bad in ({"lambda_dim": -1}, {"dim_loss": "cosine"}, {"sparsity_mode": "topk"},
+                {"mask_temperature": 0},
+                {"sparsity_k": 9}, {"sparsity_k": 3, "sparsity_k_max": 2}, {"sparse_on": "both"},
+                {"sparsity_lr_scale": 0}, {"lamda_dim": 1.0}):
         with pytest.raises(ConfigError):
             spec.parse_section(bad)
     assert set(spec.searchable) <= set(DiasConfig.model_fields)
+    assert {"sparse_on", "sparsity_learnable"} <= set(spec.searchable)
     for row in spec.ablations:
         if row.method == "dias":
             spec.parse_section(row.overrides)

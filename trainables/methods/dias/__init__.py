@@ -25,8 +25,9 @@ SPEC = MethodSpec(
     name="dias",
     build=build,
     section=DiasConfig,
-    searchable=("lambda_dim", "lambda_inter", "lambda_intra", "sparsity_k", "sparsity_mode",
-                "mask_temperature", "dim_loss", "lambda_offdiag", "dim_temperature", "attn_temperature"),
+    searchable=("lambda_dim", "lambda_inter", "lambda_intra", "sparse_on", "sparsity_k", "sparsity_mode",
+                "sparsity_learnable", "sparsity_lr_scale", "mask_temperature", "dim_loss", "lambda_offdiag",
+                "dim_temperature", "attn_temperature"),
     ablations=(
         Ablation("full", "dias"),
         Ablation("w/o L_dim", "dias", {"use_dim": False}),

@@ -6,7 +6,8 @@ with validity masks; ``img``, ``txt`` ``[B, d]`` are the pooled, l2-normalised g
 *known* (stated by the paper's abstract / figure captions) or *reconstructed* (our concrete choice).
 
 No config objects, devices or logging in here: the model (``model.py`` beside this file) picks the
-variant and the weights; the loop forms the weighted total.
+variant, multiplies each term by L_align's batch scale (``DiasModel.batch_scale``) and supplies the
+weights; the loop forms the weighted total.
 """
 
 from __future__ import annotations
@@ -41,14 +42,22 @@ def cross_attend(regions: Tensor, region_mask: Tensor, words: Tensor, word_mask:
     return region_to_word @ words, word_to_region.transpose(1, 2) @ regions
 
 
-def even_indices(count: int, n: int, device: torch.device) -> Tensor:
-    """``n <= count`` evenly spaced positions in ``range(count)`` [n] int64 (deterministic, no RNG)."""
-    return torch.arange(n, device=device) * count // max(n, 1)
+def subsample(count: int, n: int, generator: torch.Generator | None = None) -> Tensor:
+    """``min(n, count)`` of the positions ``range(count)``, ascending [n] int64 (CPU).
+
+    All of them when ``n >= count``; otherwise a uniformly random subset without replacement drawn
+    from ``generator`` (the global RNG when None). Random rather than evenly strided: with a stride
+    that divides the number of region slots (e.g. 128 x 36 regions, 512 rows: stride 9) even
+    subsampling would only ever pick slots 0, 9, 18, 27 of every image.
+    """
+    if n >= count:
+        return torch.arange(count)
+    return torch.randperm(count, generator=generator)[:n].sort().values
 
 
 def dim_alignment_rows(regions: Tensor, region_mask: Tensor, words: Tensor, word_mask: Tensor,
-                       words_for_regions: Tensor, regions_for_words: Tensor,
-                       max_rows: int | None = None) -> tuple[Tensor, Tensor]:
+                       words_for_regions: Tensor, regions_for_words: Tensor, max_rows: int | None = None,
+                       generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
     """The matrices ``M_V``, ``M_T`` [2N, d] whose columns L_dim aligns (METHODS.md DIAS 2).
 
     Known: L_dim works on the local embeddings, one row per token. Reconstructed: row n of ``M_V`` and
@@ -56,15 +65,17 @@ def dim_alignment_rows(regions: Tensor, region_mask: Tensor, words: Tensor, word
     (``regions``, ``words_for_regions``) or an image context with its word (``regions_for_words``,
     ``words``) — so that a cross-correlation of columns is meaningful. The two token kinds are
     equalised in count (N = fewer of valid regions / valid words, capped at ``max_rows // 2``) by
-    even subsampling over the flattened batch, so neither modality dominates the column statistics.
+    a random subset (:func:`subsample`, from ``generator``) of each kind's valid tokens over the
+    whole batch, so neither modality dominates the column statistics and every token can be a row.
+    The regions are drawn first, then the words, from the one generator.
     """
     region_rows = region_mask.flatten().nonzero().squeeze(1)
     word_rows = word_mask.flatten().nonzero().squeeze(1)
     n = min(region_rows.numel(), word_rows.numel())
     if max_rows is not None:
         n = min(n, max_rows // 2)
-    region_rows = region_rows[even_indices(region_rows.numel(), n, regions.device)]
-    word_rows = word_rows[even_indices(word_rows.numel(), n, words.device)]
+    region_rows = region_rows[subsample(region_rows.numel(), n, generator).to(region_rows.device)]
+    word_rows = word_rows[subsample(word_rows.numel(), n, generator).to(word_rows.device)]
     d = regions.shape[-1]
     m_v = torch.cat([regions.reshape(-1, d)[region_rows], regions_for_words.reshape(-1, d)[word_rows]])
     m_t = torch.cat([words_for_regions.reshape(-1, d)[region_rows], words.reshape(-1, d)[word_rows]])
@@ -97,6 +108,7 @@ def barlow_dim_loss(corr: Tensor, lambda_offdiag: float) -> Tensor:
 
     Aligned dimensions correlate, the others decorrelate ("decorrelating non-corresponding
     dimensions", known). We divide METHODS.md's sum by d so λ_dim means the same at any embed_dim.
+    The gradient scale every variant is matched to: ``∂/∂C_ii = −2(1 − C_ii)/d``.
     corr [d, d] -> scalar.
     """
     diag = corr.diagonal()
@@ -104,28 +116,44 @@ def barlow_dim_loss(corr: Tensor, lambda_offdiag: float) -> Tensor:
     return ((1 - diag).pow(2).sum() + lambda_offdiag * offdiag) / corr.shape[0]
 
 
-def diag_share_dim_loss(corr: Tensor, eps: float = 1e-8) -> Tensor:
-    """Variant ``diag_share`` (reconstructed): ``−Σ_i [C_ii / Σ_j |C_ij| + C_ii / Σ_j |C_ji|] / d``.
+def diag_share_sum_dim_loss(corr: Tensor, eps: float = 1e-8) -> Tensor:
+    """Variant ``diag_share_sum`` (the public reimplementation's form, METHODS.md DIAS 4):
+    ``−Σ_i [C_ii / Σ_j |C_ij| + C_ii / Σ_j |C_ji|]``, summed over the d dimensions.
 
     Each dimension's correlation with its counterpart as a share of its row's and its column's total
-    correlation; the minimum −2 means every dimension correlates only with its counterpart.
-    ``corr`` is :func:`cross_correlation`, which already is the correlation of l2-normalised centred
-    columns. corr [d, d] -> scalar in [−2, 2].
+    correlation; the minimum −2d means every dimension correlates only with its counterpart. The
+    shares are invariant to scaling C, so the gradient grows as 1/|C|:
+    ``∂/∂C_ii ≈ −2 / (d·mean|C|)``.
+    corr [d, d] -> scalar in [−2d, 2d].
     """
     diag = corr.diagonal()
     magnitude = corr.abs()
     row_share = diag / magnitude.sum(1).clamp_min(eps)
     col_share = diag / magnitude.sum(0).clamp_min(eps)
-    return -(row_share + col_share).sum() / corr.shape[0]
+    return -(row_share + col_share).sum()
+
+
+def diag_share_dim_loss(corr: Tensor) -> Tensor:
+    """Variant ``diag_share`` (reconstructed): :func:`diag_share_sum_dim_loss` × ``sg(mean_ij |C_ij|)``.
+
+    Same minimiser and same gradient direction as the sum form; the detached factor (◇, a
+    gradient-scale normalisation) cancels its 1/|C| growth, so ``∂/∂C_ii ≈ −2/d`` like
+    :func:`barlow_dim_loss` at any d and any correlation level, and λ_dim means the same for both.
+    −2 at C = I. corr [d, d] -> scalar.
+    """
+    return corr.abs().mean().detach() * diag_share_sum_dim_loss(corr)
 
 
 def infonce_dim_loss(corr: Tensor, temperature: float) -> Tensor:
-    """Variant ``dim_infonce`` (reconstructed): cross-entropy over the rows and over the columns of
-    ``C / τ`` with the identity as target, averaged (already a mean over the d dimensions).
-    corr [d, d] -> scalar."""
+    """Variant ``dim_infonce`` (reconstructed): ``τ · ½[CE(C/τ, I) + CE(Cᵀ/τ, I)]``, cross-entropy over
+    the rows and over the columns with the identity as target, each a mean over the d dimensions.
+
+    ◇ Multiplied by τ (as SupCon scales by τ/τ_base): ``∂/∂C_ii = −(1 − p_ii)/d`` then does not
+    depend on τ, half of :func:`barlow_dim_loss`'s at init. corr [d, d] -> scalar.
+    """
     logits = corr / temperature
     target = torch.arange(corr.shape[0], device=corr.device)
-    return (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2
+    return temperature * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2
 
 
 # --- 3. spatial constraints on unmatched pairs ------------------------------------------------
@@ -182,9 +210,34 @@ def sparse_mask(r: Tensor, valid: Tensor, k: Tensor | float, temperature: float,
     return kept * valid.to(r.dtype)
 
 
+def violation_mask(delta: Tensor, valid: Tensor, k: Tensor | float) -> Tensor:
+    """``sparse_on: violation``, the public reimplementation's rule (METHODS.md DIAS 4): keep the pairs
+    whose violation Δ itself exceeds ``μ + kσ`` of ``p = sigmoid(−Δ)``; hard mask.
+
+    Known (METHODS.md): the rule, the statistics of sigmoid(−Δ) "over rows and columns", the hard mask.
+    Reconstructed: ``μ, σ`` are each row's and each column's mean and population std of p over its
+    valid entries, and a pair is kept only when Δ exceeds both its row's and its column's threshold.
+    Note the units: Δ is compared with statistics of sigmoid(−Δ) ∈ (0.12, 0.5], so only pairs with
+    Δ ≳ 0.45 can ever be kept.
+    delta [B, B] (detach it: the mask has no gradient), valid [B, B] bool, k scalar -> {0, 1} [B, B].
+    """
+    p = torch.sigmoid(-delta)
+    mu_row, sd_row = row_stats(p, valid)  # [B, 1]
+    mu_col, sd_col = row_stats(p.t(), valid.t())  # [B, 1], one per column
+    kept = (delta > mu_row + k * sd_row) & (delta > (mu_col + k * sd_col).t()) & valid
+    return kept.to(delta.dtype)
+
+
 def spatial_loss(delta: Tensor, weight: Tensor, eps: float = 1e-8) -> Tensor:
-    """``L = Σ m_ij (Δ_ij)² / Σ m_ij`` (METHODS.md DIAS 4; L_inter and L_intra alike).
+    """``Σ m_ij (Δ_ij)² / Σ m_ij``, the weighted mean over kept pairs (``sparse_on: relation``;
+    L_inter and L_intra alike; the model multiplies it by L_align's batch scale).
 
     delta, weight [B, B] -> scalar; 0 when nothing is kept (the denominator is clamped).
     """
     return (weight * delta.pow(2)).sum() / weight.sum().clamp_min(eps)
+
+
+def spatial_sum(delta: Tensor, mask: Tensor) -> Tensor:
+    """``Σ (m_ij Δ_ij)²``, the sum over kept pairs (``sparse_on: violation``, the public
+    reimplementation's normalisation). delta, mask [B, B] -> scalar."""
+    return (mask * delta).pow(2).sum()

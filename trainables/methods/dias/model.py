@@ -4,9 +4,15 @@
 Retrieval is unchanged from the base model: ``encode_image`` / ``encode_text`` pool each modality's own
 tokens, so 5K images and 25K captions are encoded apart. The region-word interaction exists only on
 the training path, where it feeds L_dim.
+
+``forward`` is per-sample (under DDP the loop gathers its outputs across workers before
+``loss_terms``); every in-batch quantity — the rows of L_dim, the correlation, the masks, the
+spatial terms — is computed in ``loss_terms`` from the gathered batch.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor, nn
@@ -18,80 +24,148 @@ from trainables.methods.dias.config import DiasConfig
 from trainables.model import ITMModel, LossOutput
 
 
+def logit(p: float) -> float:
+    return math.log(p / (1 - p))
+
+
+def row_generator(image_ids: Tensor) -> torch.Generator:
+    """The RNG that picks L_dim's rows, seeded by the batch's image ids: every DDP rank sees the same
+    gathered batch and so picks the same rows, each batch picks new ones, and training's global RNG
+    is left alone. (Python's hash of a tuple of ints does not depend on PYTHONHASHSEED.)"""
+    return torch.Generator().manual_seed(hash(tuple(image_ids.tolist())) % 2**63)
+
+
 class DiasModel(ITMModel):
     """The base model plus DIAS's training-time terms. ``forward`` adds, when L_dim is on,
-    ``dim_img`` / ``dim_txt`` [2N, d] (the token-aligned rows ``M_V``, ``M_T``)."""
+    ``dim_words_for_regions`` [B, R, d] and ``dim_regions_for_words`` [B, L, d] (``cross_attend`` of
+    each matched pair)."""
 
     def __init__(self, image_dim: int, model: ModelConfig, train: TrainConfig, params: DiasConfig):
         super().__init__(image_dim, model, train)
         self.params = params
-        k = torch.tensor(float(params.sparsity_k))
         if params.learns_k():
-            self.sparsity_k = nn.Parameter(k)
+            # k = k_max·sigmoid(θ): bounded, and AdamW's ≈ lr-per-step moves of θ shrink near the bounds.
+            ratio = min(max(params.sparsity_k / params.sparsity_k_max, 1e-3), 1 - 1e-3)
+            self.sparsity_k_logit = nn.Parameter(torch.tensor(logit(ratio)))
         else:
-            self.register_buffer("sparsity_k", k)
+            self.register_buffer("sparsity_k", torch.tensor(float(params.sparsity_k)))
+
+    def threshold_k(self) -> Tensor:
+        """The current k (scalar): ``k_max·sigmoid(θ)`` when learnable, else the fixed value."""
+        if self.params.learns_k():
+            return self.params.sparsity_k_max * torch.sigmoid(self.sparsity_k_logit)
+        return self.sparsity_k
+
+    def param_groups(self, lr: float, text_lr_scale: float) -> list[dict]:
+        """The base groups, with θ of a learnable k in its own group at ``lr × sparsity_lr_scale``
+        (AdamW moves a scalar by ≈ its lr per step whatever the gradient's size), no weight decay."""
+        groups = super().param_groups(lr, text_lr_scale)
+        if not self.params.learns_k():
+            return groups
+        theta = self.sparsity_k_logit
+        for group in groups:
+            group["params"] = [p for p in group["params"] if p is not theta]
+        return groups + [{"params": [theta], "lr": lr * self.params.sparsity_lr_scale,
+                          "name": "sparsity_k", "weight_decay": 0.0}]
 
     def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         out = super().forward(batch)
-        if self.params.use_dim:
-            regions, region_mask = out["img_tokens"], out["img_mask"]
-            words, word_mask = out["txt_tokens"], out["txt_mask"]
-            words_for_regions, regions_for_words = dl.cross_attend(
-                regions, region_mask, words, word_mask, self.params.attn_temperature)
-            out["dim_img"], out["dim_txt"] = dl.dim_alignment_rows(
-                regions, region_mask, words, word_mask, words_for_regions, regions_for_words,
-                self.params.dim_max_rows)
+        if self.params.use_dim:  # within each matched pair: per-sample
+            out["dim_words_for_regions"], out["dim_regions_for_words"] = dl.cross_attend(
+                out["img_tokens"], out["img_mask"], out["txt_tokens"], out["txt_mask"],
+                self.params.attn_temperature)
         return out
 
-    def correlation(self, out: dict[str, Tensor]) -> Tensor:
-        """C [d, d] of the rows ``dim_img``, ``dim_txt`` in float32.
+    def batch_scale(self, batch_size: int) -> int:
+        """DIAS's terms are per-pair means; L_align sums the hinge over the batch's queries (B per
+        direction) but averages InfoNCE. Each term is multiplied by the same factor, so a weight
+        means the same at any batch size and with either alignment loss (docs/methods.md)."""
+        return batch_size if self.align.kind == "triplet" else 1
+
+    def dim_rows(self, out: dict[str, Tensor], image_ids: Tensor) -> tuple[Tensor, Tensor]:
+        """``M_V``, ``M_T`` [2N, d] of the whole (gathered) batch."""
+        return dl.dim_alignment_rows(out["img_tokens"], out["img_mask"], out["txt_tokens"], out["txt_mask"],
+                                     out["dim_words_for_regions"], out["dim_regions_for_words"],
+                                     self.params.dim_max_rows, row_generator(image_ids))
+
+    @staticmethod
+    def correlation(m_v: Tensor, m_t: Tensor) -> Tensor:
+        """C [d, d] of the rows ``M_V``, ``M_T`` in float32.
 
         bf16 autocast (CUDA) would wreck the raw-moment form E[xy] − E[x]E[y], which cancels; the
         context manager is a no-op where autocast is off (CPU, fp32 runs).
         """
-        m_v, m_t = out["dim_img"], out["dim_txt"]
         with torch.autocast(m_v.device.type, enabled=False):
             return dl.cross_correlation(m_v.float(), m_t.float())
 
     def dim_term(self, corr: Tensor) -> Tensor:
-        """L_dim in the configured variant; corr [d, d] -> scalar."""
+        """L_dim in the configured variant, before the batch scale; corr [d, d] -> scalar."""
         p = self.params
         if p.dim_loss == "barlow":
             return dl.barlow_dim_loss(corr, p.lambda_offdiag)
         if p.dim_loss == "diag_share":
             return dl.diag_share_dim_loss(corr)
+        if p.dim_loss == "diag_share_sum":
+            return dl.diag_share_sum_dim_loss(corr)
         return dl.infonce_dim_loss(corr, p.dim_temperature)
 
-    def pair_weights(self, sims: Tensor, image_ids: Tensor) -> Tensor:
-        """Weights m_ij [B, B] of the unmatched pairs in L_inter / L_intra.
+    def pair_weights(self, img: Tensor, txt: Tensor, image_ids: Tensor) -> Tensor:
+        """``sparse_on: relation``: weights m_ij [B, B] of the unmatched pairs in L_inter and L_intra.
 
         Unmatched = i ≠ j and not the same image. The relation strength is detached: the mask
         selects pairs, it is not something the embeddings should be trained to move.
         """
         unmatched = ~same_image_mask(image_ids)
         if not self.params.use_sparse:
-            return unmatched.to(sims.dtype)
-        r = dl.relation_strength(sims.detach())
-        return dl.sparse_mask(r, unmatched, self.sparsity_k, self.params.mask_temperature,
+            return unmatched.to(img.dtype)
+        r = dl.relation_strength(self.similarity(img, txt).detach())
+        return dl.sparse_mask(r, unmatched, self.threshold_k(), self.params.mask_temperature,
                               hard=self.params.sparsity_mode == "hard")
+
+    def spatial_terms(self, img: Tensor, txt: Tensor,
+                      image_ids: Tensor) -> tuple[dict[str, Tensor], dict[str, float]]:
+        """L_inter, L_intra (those switched on, before the batch scale) and their mask densities.
+
+        Computed in float32 with autocast off: Δ is a difference of two cosine distances near 1, and
+        the mask thresholds are means and stds of such numbers; bf16 (8 bits of mantissa) errs by
+        ~10 % there. img, txt [B, d] unit-norm.
+        """
+        p = self.params
+        deltas = {"inter": dl.inter_delta, "intra": dl.intra_delta}
+        unmatched = ~same_image_mask(image_ids)
+        count = unmatched.sum().clamp_min(1)
+        terms, stats = {}, {}
+        with torch.autocast(img.device.type, enabled=False):
+            img, txt = img.float(), txt.float()
+            if p.sparse_on == "relation":
+                weight = self.pair_weights(img, txt, image_ids)  # one mask for both terms
+                stats["mask_density"] = float(weight.detach().sum() / count)
+            for name, delta_fn in deltas.items():
+                if not getattr(p, f"use_{name}"):
+                    continue
+                delta = delta_fn(img, txt)
+                if p.sparse_on == "relation":
+                    terms[name] = dl.spatial_loss(delta, weight)
+                    continue
+                mask = (dl.violation_mask(delta.detach(), unmatched, self.threshold_k()) if p.use_sparse
+                        else unmatched.to(delta.dtype))
+                stats[f"mask_density_{name}"] = float(mask.sum() / count)
+                terms[name] = dl.spatial_sum(delta, mask)
+        return terms, stats
 
     def loss_terms(self, out: dict[str, Tensor], image_ids: Tensor, epoch: int) -> LossOutput:
         p = self.params
         img, txt = out["img_emb"], out["txt_emb"]
-        sims = self.similarity(img, txt)
-        terms = {"align": self.align(sims, image_ids, epoch)}
-        stats = {"sparsity_k": float(self.sparsity_k.detach())}
+        scale = self.batch_scale(img.shape[0])
+        terms = {"align": self.align(self.similarity(img, txt), image_ids, epoch)}
+        stats = {"sparsity_k": float(self.threshold_k().detach())}
         if p.use_dim:
-            corr = self.correlation(out)
-            terms["dim"] = self.dim_term(corr)
+            corr = self.correlation(*self.dim_rows(out, image_ids))
+            terms["dim"] = scale * self.dim_term(corr)
             stats["dim_corr_diag"] = float(corr.diagonal().mean().detach())
         if p.use_inter or p.use_intra:
-            weight = self.pair_weights(sims, image_ids)
-            unmatched = ~same_image_mask(image_ids)
-            stats["mask_density"] = float(weight.detach().sum() / unmatched.sum().clamp_min(1))
-            if p.use_inter:
-                terms["inter"] = dl.spatial_loss(dl.inter_delta(img, txt), weight)
-            if p.use_intra:
-                terms["intra"] = dl.spatial_loss(dl.intra_delta(img, txt), weight)
+            spatial, spatial_stats = self.spatial_terms(img, txt, image_ids)
+            terms.update({name: scale * value for name, value in spatial.items()})
+            stats.update(spatial_stats)
         weights = {"align": 1.0, "dim": p.lambda_dim, "inter": p.lambda_inter, "intra": p.lambda_intra}
         return LossOutput(terms=terms, weights={name: weights[name] for name in terms}, stats=stats)
