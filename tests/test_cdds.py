@@ -1,4 +1,5 @@
-"""CDDS: the UNet's wiring, the pure maths against naive loops, gradchecks, and the model's switches."""
+"""CDDS: the UNet's wiring, the pure maths against naive loops, gradchecks, the retrieval score, the term
+budget at the shipped defaults, and the model's switches and rows."""
 
 from __future__ import annotations
 
@@ -7,17 +8,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from trainables.budget import term_budget
 from trainables.config import JobConfig, ModelConfig, TrainConfig
 from trainables.errors import ConfigError
 from trainables.methods.cdds import SPEC, CddsModel, DualPathUNet, build
 from trainables.methods.cdds import losses as cl
+from trainables.methods.cdds.model import token_diagnostics
 
 IMAGE_DIM = 20
 TERM_SWITCHES = {  # switch -> the terms it removes (noise has no term: see test_noise_only_in_training)
     "use_modality_loss": {"m"},
     "use_completeness": {"f", "x"},
     "use_sampling": {"x"},
-    "decouple": {"m", "f", "x"},
+    "decouple": {"m", "f", "x"},  # no modality path: nothing for L_m, L_f, L_x to read
+    "use_unet": {"m", "f", "x"},
 }
 
 
@@ -48,11 +52,20 @@ def build_batch(batch: int = 4, regions: int = 5, text_lengths=(7, 3, 5, 1), see
             "attention_mask": attention_mask, "image_ids": torch.arange(batch)}
 
 
-def make_model(seed: int = 0, **params) -> CddsModel:
+def make_model(seed: int = 0, loss: str = "triplet", **params) -> CddsModel:
     torch.manual_seed(seed)
     job = JobConfig(method="cdds", model=ModelConfig(text_encoder="tiny", embed_dim=32),
-                    train=TrainConfig(batch_size=4), method_params=params)
+                    train=TrainConfig(batch_size=4, loss=loss), method_params=params)
     return build(job, IMAGE_DIM)
+
+
+def square_batch(batch: int = 6, tokens: int = 4, seed: int = 0) -> dict:
+    """No padding and as many regions as words, so both modalities have N = batch * tokens valid tokens."""
+    gen = torch.Generator().manual_seed(seed)
+    return {"images": torch.randn(batch, tokens, IMAGE_DIM, generator=gen),
+            "region_mask": torch.ones(batch, tokens, dtype=torch.bool),
+            "input_ids": torch.randint(1000, 5000, (batch, tokens), generator=gen),
+            "attention_mask": torch.ones(batch, tokens, dtype=torch.long), "image_ids": torch.arange(batch)}
 
 
 def naive_distribution_sample(source: np.ndarray, target: np.ndarray, weights: np.ndarray) -> np.ndarray:
@@ -70,9 +83,10 @@ def naive_distribution_sample(source: np.ndarray, target: np.ndarray, weights: n
     return out
 
 
-def naive_related_semantics(source, target, alpha, tau, temperature, relative):
+def naive_related_semantics(source, target, alpha, tau, temperature, relative, kl_temperature=1.0,
+                            kl_relative=True, k=None):
     """W and gate of CDDS 2 with explicit loops over column pairs (numpy, float64)."""
-    k = min(len(source), len(target))
+    k = k or min(len(source), len(target))
 
     def column_dist(column: np.ndarray) -> np.ndarray:
         ordered = np.sort(column)
@@ -88,7 +102,9 @@ def naive_related_semantics(source, target, alpha, tau, temperature, relative):
             kl[i, j] = float(np.sum(p * (np.log(p) - np.log(q))))
     weights, gates = np.zeros((d, d)), np.zeros((d, d))
     for i in range(d):
-        prob = np.exp(-kl[i]) / np.exp(-kl[i]).sum()
+        tau_s = kl_temperature * np.sqrt(kl[i].var() + 1e-12) if kl_relative else kl_temperature
+        logits = -kl[i] / tau_s
+        prob = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
         std = np.sqrt(prob.var() + 1e-12)
         kappa = prob.mean() + alpha[i] * std
         scale = temperature * std if relative else temperature
@@ -160,9 +176,10 @@ def test_unet_noise_groups_fold_matches_a_loop_over_groups():
     torch.manual_seed(1)
     folded = unet(x, mask)
     torch.manual_seed(1)  # the noise is the forward's only random draw: replay it group by group
-    noise = torch.randn(z, *x.shape) * std
+    noise = torch.randn(z, *x.shape)
     padding = ~mask
     levels = unet.encode(x, padding)
+    noise = noise * std * levels[-1].std(-1, unbiased=False, keepdim=True)  # σ relative to each token's std
     for name, decoder in (("semantic", unet.semantic), ("modality", unet.modality)):
         looped = torch.stack([decoder(levels[-1] + noise[g], levels[-2::-1], padding) for g in range(z)]).mean(0)
         torch.testing.assert_close(folded[name][mask], looped[mask])
@@ -173,6 +190,24 @@ def test_unet_without_modality_path_has_one_decoder():
     unet = DualPathUNet(16, 2, 2, modality_path=False)
     assert unet.modality is None
     assert set(unet(torch.randn(2, 3, 16), torch.ones(2, 3, dtype=torch.bool))) == {"semantic"}
+
+
+def test_noise_is_relative_to_each_tokens_std():
+    """σ is in units of each token's feature std: scaling a token scales its noise, and the empirical
+    noise std over many groups is σ times that token's std."""
+    unet = DualPathUNet(8, 2, 1, noise_groups=4000, noise_std=0.5).train()
+    scales = torch.tensor([[[0.1]], [[10.0]]])
+    bottom = torch.randn(2, 3, 8, generator=torch.Generator().manual_seed(0)) * scales
+    padding = torch.zeros(2, 3, dtype=torch.bool)
+    torch.manual_seed(0)
+    noisy, folded_padding = unet.add_noise(bottom, padding)
+    assert noisy.shape == (4000 * 2, 3, 8) and folded_padding.shape == (4000 * 2, 3)
+    noise = noisy.unflatten(0, (4000, 2)) - bottom
+    ratio = noise.std((0, 3)) / bottom.std(-1, unbiased=False)  # [2, 3]: per token
+    torch.testing.assert_close(ratio, torch.full((2, 3), 0.5), atol=0.02, rtol=0)
+    torch.manual_seed(0)
+    scaled, _ = unet.add_noise(3 * bottom, padding)
+    torch.testing.assert_close(scaled, 3 * noisy)  # same draw, three times the noise
 
 
 # ---------------------------------------------------------------------------------------------
@@ -207,6 +242,51 @@ def test_distribution_sample_matches_naive_loop(n_source, n_target):
         assert torch.equal(fast.argsort(0), source.argsort(0))
 
 
+def naive_apply_transport(values: np.ndarray, knots: np.ndarray, table: np.ndarray) -> np.ndarray:
+    """Column by column and value by value: piecewise-linear through (knots -> table), clamped."""
+    out = np.zeros_like(values)
+    for i in range(values.shape[1]):
+        for n in range(values.shape[0]):
+            out[n, i] = np.interp(values[n, i], knots[:, i], table[:, i])
+    return out
+
+
+def test_apply_transport_matches_naive_loop_and_clamps():
+    gen = torch.Generator().manual_seed(15)
+    knots = torch.randn(7, 4, generator=gen, dtype=torch.float64).sort(0).values
+    table = torch.randn(7, 4, generator=gen, dtype=torch.float64).sort(0).values
+    values = 3 * torch.randn(5, 6, 4, generator=gen, dtype=torch.float64)  # [..., d], many outside the knots
+    fast = cl.apply_transport(values, knots, table)
+    slow = naive_apply_transport(values.reshape(-1, 4).numpy(), knots.numpy(), table.numpy()).reshape(5, 6, 4)
+    np.testing.assert_allclose(fast.numpy(), slow, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(cl.apply_transport(knots, knots, table), table)  # exact at the knots
+    assert (fast.diff(dim=0).sign() * values.diff(dim=0).sign() >= 0).all()  # monotone per column
+
+
+def test_apply_transport_on_tied_knots_takes_the_end_of_the_run():
+    knots = torch.tensor([[0.0], [1.0], [1.0], [2.0]])
+    table = torch.tensor([[0.0], [10.0], [20.0], [30.0]])
+    mapped = cl.apply_transport(torch.tensor([[-1.0], [0.5], [1.0], [1.5], [3.0]]), knots, table)
+    torch.testing.assert_close(mapped.squeeze(1), torch.tensor([0.0, 5.0, 20.0, 25.0, 30.0]))
+
+
+@pytest.mark.parametrize("n_target", [4, 9])
+def test_transport_table_reproduces_the_batch_sampling_map(n_target):
+    """With K = N_s positions the value map of the tables is exactly the batch's rank map: what the
+    retrieval score computes from running quantiles is what L_s computes on the batch."""
+    gen = torch.Generator().manual_seed(16)
+    source = torch.randn(7, 4, generator=gen, dtype=torch.float64)
+    target = torch.randn(n_target, 4, generator=gen, dtype=torch.float64) * 2 + 1
+    weights = row_stochastic(4, seed=4)
+    knots, table = cl.transport_table(source, target, weights, num_positions=7)
+    torch.testing.assert_close(cl.apply_transport(source, knots, table),
+                               cl.distribution_sample(source, target, weights))
+    # on tables already at K positions (running quantiles) it is (source, target @ Wᵀ)
+    again = cl.transport_table(knots, cl.resample_columns(target, 7), weights, 7)
+    torch.testing.assert_close(again[0], knots)
+    torch.testing.assert_close(again[1], table)
+
+
 # ---------------------------------------------------------------------------------------------
 # Related-semantics identification (CDDS 2)
 # ---------------------------------------------------------------------------------------------
@@ -224,6 +304,79 @@ def test_related_semantics_matches_naive_loop(relative, n_source, n_target):
                                                 temperature, relative)
     np.testing.assert_allclose(gate.numpy(), slow_gate, rtol=1e-9, atol=1e-12)
     np.testing.assert_allclose(weights.numpy(), slow_w, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("kl_relative, kl_temperature", [(True, 0.5), (False, 1e-2)])
+def test_related_semantics_with_kl_temperature_matches_naive_loop(kl_relative, kl_temperature):
+    gen = torch.Generator().manual_seed(13)
+    source = torch.randn(9, 5, generator=gen, dtype=torch.float64)
+    target = 2 * torch.randn(6, 5, generator=gen, dtype=torch.float64) ** 3
+    alpha = torch.linspace(-0.5, 1.5, 5, dtype=torch.float64)
+    weights, gate = cl.related_semantics(source, target, alpha, 0.7, 0.3, True, kl_temperature, kl_relative,
+                                         num_positions=4)
+    slow_w, slow_gate = naive_related_semantics(source.numpy(), target.numpy(), alpha.numpy(), 0.7, 0.3, True,
+                                                kl_temperature, kl_relative, k=4)
+    np.testing.assert_allclose(gate.numpy(), slow_gate, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(weights.numpy(), slow_w, rtol=1e-9, atol=1e-12)
+
+
+def test_related_probability_is_invariant_to_affine_rescaling_of_each_row():
+    """With τ_S = kl_temperature · std_j S_ij, P depends on S only through each row's z-scores."""
+    gen = torch.Generator().manual_seed(14)
+    kl = torch.rand(6, 8, generator=gen, dtype=torch.float64) * 3e-2
+    scale = torch.rand(6, 1, generator=gen, dtype=torch.float64) * 100 + 1e-3
+    shift = torch.randn(6, 1, generator=gen, dtype=torch.float64)
+    torch.testing.assert_close(cl.related_probability(scale * kl + shift), cl.related_probability(kl))
+    literal = cl.related_probability(kl, 1.0, relative=False)  # the spec's softmax(−S)
+    torch.testing.assert_close(literal, torch.softmax(-kl, dim=1))
+    assert not torch.allclose(cl.related_probability(scale * kl, 1.0, relative=False), literal)
+
+
+def realistic_kl() -> torch.Tensor:
+    """S between the semantic token columns of a fresh model on a random batch (d = 32, K = 64)."""
+    model = make_model().eval()
+    with torch.no_grad():
+        out = model(build_batch(batch=4, regions=8, text_lengths=(9, 6, 8, 7)))
+        v, t = out["img_tokens"][out["img_mask"]], out["txt_tokens"][out["txt_mask"]]
+        return cl.kl_matrix(cl.column_log_distributions(v, 64, 1.0), cl.column_log_distributions(t, 64, 1.0))
+
+
+def test_related_probability_is_not_uniform_on_realistic_inputs():
+    """Raw KL values are small (~1e-3), so the literal softmax(−S) is flat; τ_S from the row spread
+    is not, and a smaller kl_temperature concentrates P on fewer columns."""
+    kl = realistic_kl()
+    assert float(kl.max()) < 0.5
+    literal = cl.related_probability(kl, 1.0, relative=False)
+    assert float((literal.amax(1) / literal.amin(1)).max()) < 1.5  # the defect: nearly uniform
+    scaled = cl.related_probability(kl)
+    assert float((scaled.amax(1) / scaled.amin(1)).median()) > 10
+    supports = [float(cl.effective_support(cl.related_probability(kl, tau))) for tau in (4.0, 1.0, 0.5, 0.25)]
+    assert all(a > b for a, b in zip(supports, supports[1:])), supports
+    assert supports[1] < 0.9 * 32
+
+
+def test_sharp_gate_keeps_the_mass_of_w_inside_the_kept_set():
+    """T → 0 makes the gate the indicator P > κ; then W's mass lies in the kept set and its effective
+    support is about the size of that set."""
+    kl = realistic_kl()
+    alpha = torch.ones(32)
+    inside = {}
+    for temperature in (0.5, 0.1, 0.001):
+        weights, gate = cl.related_weights(kl, alpha, temperature)
+        inside[temperature] = float((weights * (gate > 0.5)).sum(1).mean())
+    kept = (gate > 0.5).sum(1).float()
+    assert inside[0.001] > 0.999 and inside[0.1] > 0.9 > inside[0.5]
+    assert abs(float(cl.effective_support(weights)) - float(kept.mean())) < 0.5 + 0.1 * float(kept.mean())
+
+
+def test_effective_support_counts_columns():
+    d = 6
+    assert float(cl.effective_support(torch.eye(d))) == pytest.approx(1.0)
+    assert float(cl.effective_support(torch.full((d, d), 1 / d))) == pytest.approx(d)
+    weights = row_stochastic(d, seed=3)
+    weights[0] = torch.tensor([0.5, 0.5, 0, 0, 0, 0], dtype=torch.float64)  # zeros count as no mass
+    naive = np.mean([np.exp(-sum(w * np.log(w) for w in row if w > 0)) for row in weights.numpy()])
+    assert float(cl.effective_support(weights)) == pytest.approx(naive, rel=1e-12)
 
 
 def test_kl_matrix_is_zero_on_identical_columns_and_positive_elsewhere():
@@ -281,6 +434,53 @@ def test_modality_loss_zero_iff_tokens_share_their_modality_component():
     assert cl.modality_consistency_loss(varied, mask).item() > 1e-3
 
 
+def naive_reduce_samples(values: np.ndarray, mask: np.ndarray, reduction: str) -> float:
+    per_sample = [values[b][mask[b]].mean() if mask[b].any() else 0.0 for b in range(len(values))]
+    return float(np.sum(per_sample) if reduction == "sum" else np.mean(per_sample))
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_reduce_samples_matches_naive_loop(reduction):
+    gen = torch.Generator().manual_seed(17)
+    values = torch.randn(4, 6, generator=gen, dtype=torch.float64)
+    mask = torch.rand(4, 6, generator=gen) > 0.4
+    mask[2] = False  # a sample without valid tokens counts 0
+    fast = float(cl.reduce_samples(values, mask, reduction))
+    assert fast == pytest.approx(naive_reduce_samples(values.numpy(), mask.numpy(), reduction), rel=1e-12)
+
+
+def test_reduce_samples_weighs_samples_not_tokens_or_batch_size():
+    """A sample's weight is fixed: repeating its tokens changes nothing, and repeating the batch
+    doubles the sum (each sample keeps its weight next to a summed L_s) and keeps the mean."""
+    values = torch.tensor([[1.0, 3.0, 0.0, 0.0], [5.0, 0.0, 0.0, 0.0]])
+    mask = torch.tensor([[True, True, False, False], [True, False, False, False]])
+    assert float(cl.reduce_samples(values, mask)) == 7.0  # (1 + 3) / 2 + 5
+    repeated = torch.tensor([[1.0, 3.0, 1.0, 3.0], [5.0, 5.0, 5.0, 0.0]])
+    assert float(cl.reduce_samples(repeated, torch.tensor([[True] * 4, [True, True, True, False]]))) == 7.0
+    doubled = cl.reduce_samples(values.repeat(2, 1), mask.repeat(2, 1))
+    assert float(doubled) == 14.0
+    assert float(cl.reduce_samples(values.repeat(2, 1), mask.repeat(2, 1), "mean")) == 3.5
+    with pytest.raises(ValueError, match="reduction"):
+        cl.reduce_samples(values, mask, "token")
+
+
+def test_completeness_and_modality_losses_match_naive_loops():
+    gen = torch.Generator().manual_seed(18)
+    recon, target, modality = (torch.randn(3, 5, 4, generator=gen, dtype=torch.float64) for _ in range(3))
+    mask = torch.tensor([[True] * 5, [True, True, False, False, False], [True, False, False, False, False]])
+    err = ((recon - target) ** 2).mean(-1).numpy()
+    assert float(cl.completeness_loss(recon, target, mask)) == pytest.approx(
+        naive_reduce_samples(err, mask.numpy(), "sum"), rel=1e-12)
+    kl = np.zeros((3, 5))
+    for b in range(3):
+        probs = [np.exp(m) / np.exp(m).sum() for m in modality[b].numpy()]
+        mean = np.mean([probs[n] for n in range(5) if mask[b, n]], axis=0)
+        for n in range(5):
+            kl[b, n] = np.sum(probs[n] * np.log(probs[n] / mean))
+    assert float(cl.modality_consistency_loss(modality, mask, "mean")) == pytest.approx(
+        naive_reduce_samples(kl, mask.numpy(), "mean"), rel=1e-10)
+
+
 # ---------------------------------------------------------------------------------------------
 # Gradchecks (float64)
 # ---------------------------------------------------------------------------------------------
@@ -291,12 +491,28 @@ def _inputs(*shapes, seed=8):
 
 
 @pytest.mark.parametrize("relative", [True, False])
-def test_gradcheck_related_semantics(relative):
+@pytest.mark.parametrize("kl_relative", [True, False])
+def test_gradcheck_related_semantics(relative, kl_relative):
     source, target = _inputs((5, 3), (4, 3))
     alpha = torch.tensor([0.2, 0.8, 1.1], dtype=torch.float64, requires_grad=True)
     temperature = 0.7 if relative else 0.3
-    fn = lambda s, t, a: cl.related_semantics(s, t, a, 0.8, temperature, relative)[0]  # noqa: E731  (W)
+    kl_temperature = 0.5 if kl_relative else 0.05
+
+    def fn(s, t, a):  # W
+        return cl.related_semantics(s, t, a, 0.8, temperature, relative, kl_temperature, kl_relative, 6)[0]
+
     assert torch.autograd.gradcheck(fn, (source, target, alpha))
+
+
+def test_gradcheck_related_probability():
+    (kl,) = _inputs((4, 5))
+    assert torch.autograd.gradcheck(lambda s: cl.related_probability(s.abs() * 1e-2, 0.7), (kl,))
+
+
+def test_gradcheck_apply_transport():
+    values, table = _inputs((3, 2, 4), (6, 4))
+    knots = torch.linspace(-2, 2, 6, dtype=torch.float64).unsqueeze(1).repeat(1, 4)
+    assert torch.autograd.gradcheck(lambda v, t: cl.apply_transport(v, knots, t), (values, table))
 
 
 def test_gradcheck_quantile_mapping_through_gathered_values():
@@ -307,11 +523,12 @@ def test_gradcheck_quantile_mapping_through_gathered_values():
     assert torch.autograd.gradcheck(lambda t, w: cl.distribution_sample(source, t, w.softmax(1)), (target, logits))
 
 
-def test_gradcheck_modality_and_completeness_losses():
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_gradcheck_modality_and_completeness_losses(reduction):
     modality, recon, target = _inputs((2, 4, 5), (2, 4, 5), (2, 4, 5))
     mask = torch.tensor([[True, True, True, False], [True, True, True, True]])
-    assert torch.autograd.gradcheck(lambda m: cl.modality_consistency_loss(m, mask), (modality,))
-    assert torch.autograd.gradcheck(lambda r, t: cl.completeness_loss(r, t, mask), (recon, target))
+    assert torch.autograd.gradcheck(lambda m: cl.modality_consistency_loss(m, mask, reduction), (modality,))
+    assert torch.autograd.gradcheck(lambda r, t: cl.completeness_loss(r, t, mask, reduction), (recon, target))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -323,12 +540,31 @@ def test_model_shapes_for_every_depth(depth):
     model = make_model(unet_depth=depth, noise_groups=2)
     batch = build_batch()
     out = model(batch)
-    assert out["img_tokens"].shape == out["img_x"].shape == out["img_mod"].shape == (4, 5, 32)
-    assert out["txt_tokens"].shape == out["txt_x"].shape == out["txt_mod"].shape == (4, 7, 32)
-    for key in ("img_emb", "txt_emb", "img_x_emb", "txt_x_emb"):
-        assert out[key].shape == (4, 32)
-    assert (out["img_x"][~out["img_mask"]] == 0).all() and (out["txt_x"][~out["txt_mask"]] == 0).all()
+    assert out["img_tokens"].shape == out["img_mod"].shape == (4, 5, 32)
+    assert out["txt_tokens"].shape == out["txt_mod"].shape == (4, 7, 32)
+    assert out["img_emb"].shape == out["txt_emb"].shape == (4, 32)
+    sampled = model.sample(out)
+    assert sampled["img_x"].shape == (4, 5, 32) and sampled["txt_x"].shape == (4, 7, 32)
+    assert sampled["img_x_emb"].shape == sampled["txt_x_emb"].shape == (4, 32)
+    assert (sampled["img_x"][~out["img_mask"]] == 0).all() and (sampled["txt_x"][~out["txt_mask"]] == 0).all()
     assert torch.isfinite(model.loss_terms(out, batch["image_ids"], epoch=1).total())
+
+
+def test_forward_is_per_sample():
+    """Under DDP the loop gathers ``forward``'s outputs before ``loss_terms``: every output must have the
+    batch first and each sample's rows may not depend on the rest of the batch (batch statistics live
+    in ``loss_terms``)."""
+    batch = build_batch()
+    model = make_model().eval()
+    with torch.no_grad():
+        out = model(batch)
+        part = model({k: v[1:3] for k, v in batch.items()})
+    assert set(part) == set(out)
+    for name, value in out.items():
+        assert value.shape[0] == 4, name
+        piece = part[name]
+        width = piece.shape[1] if piece.dim() > 1 else None  # captions are cut to their own longest
+        torch.testing.assert_close(piece, value[1:3, :width] if width else value[1:3], msg=name)
 
 
 @pytest.mark.parametrize("ablation", [a for a in SPEC.ablations if a.method == "cdds"], ids=lambda a: a.name)
@@ -353,13 +589,60 @@ def test_batch_of_two_has_no_nan():
 
 
 def test_terms_weights_and_stats():
-    model = make_model(alpha_s=2.0, alpha_m=0.3, alpha_f=0.25)
+    model = make_model(alpha_m=0.3, alpha_f=0.25, alpha_x=2.0)
     batch = build_batch()
     losses = model.loss_terms(model(batch), batch["image_ids"], epoch=1)
-    assert losses.weights == {"s": 2.0, "m": 0.3, "f": 0.25, "x": 0.75}
-    assert set(losses.stats) == {"density_img", "density_txt", "threshold_alpha", "w_s", "w_m", "w_x"}
-    assert 0.0 < losses.stats["density_img"] < 1.0 and 0.0 < losses.stats["density_txt"] < 1.0
+    assert losses.weights == {"s": 1.0, "m": 0.3, "f": 0.25, "x": 2.0}  # α_s is fixed at 1
+    assert set(losses.stats) == {"support_img", "support_txt", "threshold_alpha", "w_s", "w_m", "w_x",
+                                 "sem_cos_img", "sem_cos_txt", "mod_ratio_img", "mod_ratio_txt"}
+    assert 1.0 <= losses.stats["support_img"] < 32 and 1.0 <= losses.stats["support_txt"] < 32
     assert losses.stats["threshold_alpha"] == 1.0 and losses.stats["w_x"] == 1.0
+
+
+def test_constraints_reduce_over_samples_as_the_alignment_loss_does():
+    """The hinge sums over its queries, InfoNCE averages: L_m, L_f, L_x follow, so their per-sample
+    weight next to L_s is the same under both losses and every batch size."""
+    batch = build_batch()
+    triplet, infonce = make_model().eval(), make_model(loss="infonce").eval()
+    infonce.load_state_dict(triplet.state_dict(), strict=False)
+    with torch.no_grad():
+        summed = triplet.loss_terms(triplet(batch), batch["image_ids"], 1).terms
+        averaged = infonce.loss_terms(infonce(batch), batch["image_ids"], 1).terms
+    for name in ("m", "f", "x"):
+        torch.testing.assert_close(summed[name], 4 * averaged[name])
+
+
+def test_collapse_diagnostics_detect_a_copying_semantic_path_and_a_vanishing_modality_path():
+    raw = torch.randn(2, 3, 8, generator=torch.Generator().manual_seed(19))
+    mask = torch.tensor([[True, True, False], [True, True, True]])
+    copied = {"img_raw": raw, "img_tokens": 2 * raw, "img_mod": torch.zeros_like(raw), "img_mask": mask}
+    assert token_diagnostics(copied, "img") == pytest.approx({"sem_cos_img": 1.0, "mod_ratio_img": 0.0})
+    flipped = {**copied, "img_tokens": -raw, "img_mod": 0.5 * raw}
+    assert token_diagnostics(flipped, "img") == pytest.approx({"sem_cos_img": -1.0, "mod_ratio_img": 0.5})
+    no_unet = make_model(use_unet=False)
+    batch = build_batch()
+    stats = no_unet.loss_terms(no_unet(batch), batch["image_ids"], 1).stats
+    assert not any(k.startswith(("sem_cos", "mod_ratio")) for k in stats)  # V^s is V by construction
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_term_budget_at_shipped_defaults(seed):
+    """METHODS.md "Term budget": at the shipped defaults every weighted term moves the shared encoders
+    by 1 % to 80 % of the total (fresh model, after the warm-up epoch; measured 2–43 %)."""
+    torch.manual_seed(seed)
+    job = JobConfig(method="cdds", model=ModelConfig(text_encoder="tiny", embed_dim=32), train=TrainConfig())
+    model = build(job, IMAGE_DIM)
+    gen = torch.Generator().manual_seed(seed)
+    b, r, length = 16, 6, 8
+    batch = {"images": torch.randn(b, r, IMAGE_DIM, generator=gen),
+             "region_mask": torch.ones(b, r, dtype=torch.bool),
+             "input_ids": torch.randint(1000, 5000, (b, length), generator=gen),
+             "attention_mask": torch.ones(b, length, dtype=torch.long), "image_ids": torch.arange(b)}
+    losses = model.loss_terms(model(batch), batch["image_ids"], epoch=1)
+    budget = term_budget(losses.terms, losses.weights, model.shared_parameters())
+    shares = {k.removeprefix("budget/"): v for k, v in budget.items() if k.startswith("budget/")}
+    assert set(shares) == {"s", "m", "f", "x"}
+    assert all(0.01 <= share <= 0.80 for share in shares.values()), shares
 
 
 @pytest.mark.parametrize("switch", sorted(TERM_SWITCHES))
@@ -383,21 +666,49 @@ def test_without_sampling_aligns_semantic_components_directly():
     batch = build_batch()
     model = make_model(use_sampling=False).eval()
     out = model(batch)
-    assert "img_x" not in out and "density_img" not in out
     direct = model.align(model.similarity(out["img_emb"], out["txt_emb"]), batch["image_ids"], 1)
-    torch.testing.assert_close(model.loss_terms(out, batch["image_ids"], 1).terms["s"], direct)
-    assert not any(name.startswith("threshold") for name, _ in model.named_parameters())
+    losses = model.loss_terms(out, batch["image_ids"], 1)
+    torch.testing.assert_close(losses.terms["s"], direct)
+    assert "support_img" not in losses.stats
+    assert not any(name.startswith(("threshold", "quantile")) for name, _ in model.named_parameters())
+    assert not any(name.startswith("quantile") for name, _ in model.named_buffers())
+    with torch.no_grad():  # retrieval scores what it trains: v^s · t^s
+        img = model.encode_image(batch["images"], batch["region_mask"])
+        txt = model.encode_text(batch["input_ids"], batch["attention_mask"])
+    torch.testing.assert_close(img["emb"], out["img_emb"])
+    torch.testing.assert_close(txt["emb"], out["txt_emb"])
 
 
-def test_without_decoupling_uses_the_backbone_tokens():
+def parameter_count(module: torch.nn.Module, prefix: str = "") -> int:
+    return sum(p.numel() for name, p in module.named_parameters() if name.startswith(prefix))
+
+
+def test_without_decoupling_is_capacity_matched_and_has_no_modality_path():
+    """The "w/o decoupling" row keeps each UNet's encoder and semantic decoder: the full model minus
+    exactly the modality decoders (and the mixing weights that only reconstructions use)."""
     batch = build_batch()
-    model = make_model(decouple=False).eval()
+    full, row = make_model(), make_model(decouple=False)
+    assert not any(".modality." in name for name, _ in row.named_parameters())
+    assert row.image_unet.modality is None and row.text_unet.modality is None
+    modality = parameter_count(full.image_unet.modality) + parameter_count(full.text_unet.modality)
+    assert parameter_count(row) == parameter_count(full) - modality - 3  # w_s, w_m, w_x
+    image_modality = parameter_count(full.image_unet.modality)
+    assert parameter_count(row, "image_unet") == parameter_count(full, "image_unet") - image_modality
+    out = row(batch)
+    assert "img_mod" not in out and "txt_mod" not in out
+    assert set(row.loss_terms(out, batch["image_ids"], 1).terms) == {"s"}
+
+
+def test_without_unet_uses_the_backbone_tokens():
+    batch = build_batch()
+    model = make_model(use_unet=False).eval()
     out = model(batch)
     assert not any(name.startswith(("image_unet", "text_unet")) for name, _ in model.named_parameters())
+    assert not hasattr(model, "image_unet") and not hasattr(model, "text_unet")
     assert out["img_tokens"] is out["img_raw"] and "img_mod" not in out
     pooled = F.normalize(model.image_pool(out["img_raw"], out["img_mask"]), dim=-1)
     torch.testing.assert_close(out["img_emb"], pooled)
-    assert "img_x" in out  # sampling still acts, now on V and T (docs: "w/o decoupling")
+    assert set(model.loss_terms(out, batch["image_ids"], 1).terms) == {"s"}  # sampling acts on V, T
 
 
 def test_noise_only_in_training():
@@ -414,13 +725,19 @@ def test_noise_only_in_training():
 
 def test_encoders_are_per_modality_and_per_sample():
     batch = build_batch()
-    model = make_model().eval()
+    model = make_model().train()
+    model.loss_terms(model(batch), batch["image_ids"], 1)  # one training batch: running quantiles exist
+    model.eval()
     with torch.no_grad():
         out = model(batch)
+        full_img = model.encode_image(batch["images"], batch["region_mask"])
         img = model.encode_image(batch["images"][1:3], batch["region_mask"][1:3])
         txt = model.encode_text(batch["input_ids"][2:], batch["attention_mask"][2:])
-    torch.testing.assert_close(img["emb"], out["img_emb"][1:3])
-    torch.testing.assert_close(txt["emb"], out["txt_emb"][2:])
+        full_txt = model.encode_text(batch["input_ids"], batch["attention_mask"])
+    torch.testing.assert_close(img["sem_emb"], out["img_emb"][1:3])
+    torch.testing.assert_close(txt["sem_emb"], out["txt_emb"][2:])
+    torch.testing.assert_close(img["emb"], full_img["emb"][1:3])
+    torch.testing.assert_close(txt["emb"], full_txt["emb"][2:])
     torch.testing.assert_close(img["emb"].norm(dim=-1), torch.ones(2))
 
 
@@ -431,11 +748,76 @@ def test_fixed_threshold_is_a_buffer():
 
 
 # ---------------------------------------------------------------------------------------------
+# Retrieval: the score L_s trains, from running quantiles (CDDS 5)
+# ---------------------------------------------------------------------------------------------
+
+def test_running_quantiles_average_then_track_training_batches():
+    model = make_model(quantile_momentum=0.25).train()
+    batches = [build_batch(seed=s) for s in range(6)]
+    seen = []
+    for batch in batches:
+        out = model(batch)
+        seen.append(cl.resample_columns(out["img_tokens"][out["img_mask"]].detach(), 64))
+        model.loss_terms(out, batch["image_ids"], 1)
+    expected = seen[0]
+    for n, table in enumerate(seen[1:], start=2):  # weight max(1/n, momentum)
+        expected = expected + max(1 / n, 0.25) * (table - expected)
+    assert int(model.quantile_updates) == 6
+    torch.testing.assert_close(model.quantiles_img, expected)
+    assert (model.quantiles_img.diff(dim=0) >= 0).all() and (model.quantiles_txt.diff(dim=0) >= 0).all()
+    model.eval()
+    batch = build_batch(seed=9)
+    model.loss_terms(model(batch), batch["image_ids"], 1)  # evaluation never moves them
+    assert int(model.quantile_updates) == 6
+
+
+def test_retrieval_score_is_the_average_of_the_two_trained_pairings():
+    """emb = [v^s, v^x]/√2 and [t^x, t^s]/√2, so one dot product is ½(v^s·t^x + v^x·t^s): what cross
+    L_s trains. Before the first training batch v^x = v^s and t^x = t^s, so it is v^s·t^s."""
+    batch = build_batch()
+    model = make_model().eval()
+    with torch.no_grad():
+        img = model.encode_image(batch["images"], batch["region_mask"])
+        txt = model.encode_text(batch["input_ids"], batch["attention_mask"])
+        direct = img["sem_emb"] @ txt["sem_emb"].t()
+        torch.testing.assert_close(model.similarity(img["emb"], txt["emb"]), direct)
+        model.train()
+        model.loss_terms(model(batch), batch["image_ids"], 1)
+        model.eval()
+        img = model.encode_image(batch["images"], batch["region_mask"])
+        txt = model.encode_text(batch["input_ids"], batch["attention_mask"])
+        v_x = model.running_sample(img["tokens"], img["mask"], "img")
+        t_x = model.running_sample(txt["tokens"], txt["mask"], "txt")
+    assert img["emb"].shape == txt["emb"].shape == (4, 64)
+    torch.testing.assert_close(img["emb"].norm(dim=-1), torch.ones(4))
+    expected = (img["sem_emb"] @ t_x.t() + v_x @ txt["sem_emb"].t()) / 2
+    torch.testing.assert_close(model.similarity(img["emb"], txt["emb"]), expected)
+    assert not torch.allclose(t_x, txt["sem_emb"], atol=1e-3)
+
+
+def test_running_sample_reproduces_the_training_batch_sampling():
+    """With quantiles from one batch and K = its token count, retrieval's v^x, t^x of that batch are
+    exactly the pooled V^x, T^x that L_s sees in training (same W, same quantile map)."""
+    batch = square_batch(batch=6, tokens=4)  # 24 valid tokens per modality
+    model = make_model(quantile_positions=24).eval()
+    with torch.no_grad():
+        out = model(batch)
+        model.update_quantiles(out["img_tokens"].flatten(0, 1), out["txt_tokens"].flatten(0, 1))
+        sampled = model.sample(out)
+        v_x = model.running_sample(out["img_tokens"], out["img_mask"], "img")
+        t_x = model.running_sample(out["txt_tokens"], out["txt_mask"], "txt")
+    torch.testing.assert_close(v_x, sampled["img_x_emb"])
+    torch.testing.assert_close(t_x, sampled["txt_x_emb"])
+
+
+# ---------------------------------------------------------------------------------------------
 # Config
 # ---------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("bad", [{"unet_depth": 0}, {"unet_depth": 7}, {"alpha_f": 1.5}, {"noise_groups": 0},
-                                 {"semantic_loss": "both"}, {"mask_temperature": 0}, {"typo": 1}])
+@pytest.mark.parametrize("bad", [{"unet_depth": 0}, {"unet_depth": 7}, {"alpha_f": -0.5}, {"noise_groups": 0},
+                                 {"semantic_loss": "both"}, {"mask_temperature": 0}, {"kl_temperature": 0},
+                                 {"kl_scale": "log"}, {"quantile_positions": 1}, {"quantile_momentum": 0},
+                                 {"alpha_s": 1.0}, {"typo": 1}])
 def test_section_rejects_bad_values(bad):
     with pytest.raises(ConfigError, match="cdds"):
         SPEC.parse_section(bad)
@@ -444,7 +826,7 @@ def test_section_rejects_bad_values(bad):
 def test_heads_must_divide_embed_dim():
     with pytest.raises(ConfigError, match="num_heads"):
         make_model(num_heads=5)
-    make_model(num_heads=5, decouple=False)  # no UNet, nothing to divide
+    make_model(num_heads=5, use_unet=False)  # no UNet, nothing to divide
 
 
 def test_registered_rows_and_search_keys_parse():
@@ -452,3 +834,11 @@ def test_registered_rows_and_search_keys_parse():
         if ablation.method == "cdds":
             SPEC.parse_section(ablation.overrides)
     assert set(SPEC.searchable) <= set(SPEC.section.model_fields)
+    assert "alpha_s" not in SPEC.section.model_fields  # fixed at 1: under Adam only weight ratios matter
+
+
+def test_each_row_switches_one_thing():
+    rows = {row.name: row.overrides for row in SPEC.ablations if row.method == "cdds"}
+    assert rows["full"] == {}
+    assert all(len(overrides) == 1 for name, overrides in rows.items() if name != "full")
+    assert rows["w/o decoupling"] == {"decouple": False} and rows["w/o UNet"] == {"use_unet": False}

@@ -1,7 +1,7 @@
 """``method: cdds`` — Constrained Decoupling and Distribution Sampling (METHODS.md "CDDS").
 
 Ma et al., "Aligning the True Semantics: Constrained Decoupling and Distribution Sampling for
-Cross-Modal Alignment", AAAI 2026. ``L = α_s L_s + α_m L_m + α_f L_f + (1 − α_f) L_x`` (paper Eq. 15).
+Cross-Modal Alignment", AAAI 2026. ``L = L_s + α_m L_m + α_f L_f + α_x L_x`` (paper Eq. 15, α_s = 1).
 Files: ``config.py`` (the ``cdds:`` section), ``unet.py`` (dual-path UNet), ``model.py`` (the model),
 ``losses.py`` (the pure maths). docs/methods.md "CDDS" lists known vs reconstructed.
 """
@@ -25,12 +25,14 @@ SPEC = MethodSpec(
     name="cdds",
     build=build,
     section=CddsConfig,
-    searchable=("unet_depth", "alpha_s", "alpha_m", "alpha_f", "threshold_alpha", "noise_groups",
-                "noise_std", "semantic_loss", "column_temperature", "mask_temperature", "mask_scale",
-                "threshold_learnable"),
+    searchable=("unet_depth", "alpha_m", "alpha_f", "alpha_x", "threshold_alpha", "noise_groups",
+                "noise_std", "semantic_loss", "column_temperature", "kl_temperature", "kl_scale",
+                "mask_temperature", "mask_scale", "threshold_learnable"),
     ablations=(
         Ablation("full", "cdds"),
+        # Capacity-matched: the UNet keeps its encoder and semantic decoder, only the modality path goes.
         Ablation("w/o decoupling", "cdds", {"decouple": False}),
+        Ablation("w/o UNet", "cdds", {"use_unet": False}),
         Ablation("w/o L_m", "cdds", {"use_modality_loss": False}),
         Ablation("w/o completeness", "cdds", {"use_completeness": False}),
         Ablation("w/o noise", "cdds", {"use_noise": False}),

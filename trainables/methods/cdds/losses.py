@@ -1,8 +1,9 @@
 """CDDS's terms as pure functions of tensors (METHODS.md "CDDS"; docs/methods.md "CDDS").
 
-Related-semantics identification (CDDS 2), distribution sampling (CDDS 3) and the decoupling
-constraints L_m, L_f, L_x (CDDS 4). No config, no device logic, no logging: the model passes plain
-numbers and tensors in.
+Related-semantics identification (CDDS 2), distribution sampling (CDDS 3) and the same sampling as a
+value map for retrieval (CDDS 5), the decoupling constraints L_m, L_f, L_x (CDDS 4) and W's effective
+support (a diagnostic). No config, no device logic, no logging: the model passes plain numbers and
+tensors in.
 
 Token matrices are the batch's *valid* tokens of one modality stacked as rows: ``[N, d]``, one
 column per embedding dimension (a "column distribution" is the distribution of one dimension over
@@ -98,18 +99,36 @@ def kl_matrix(log_p: Tensor, log_q: Tensor) -> Tensor:
     return (p * log_p).sum(1, keepdim=True) - p @ log_q.t()
 
 
+def related_probability(kl: Tensor, kl_temperature: float = 1.0, relative: bool = True,
+                        eps: float = 1e-12) -> Tensor:
+    """``P(j|i) = softmax_j(-S_ij / τ_S)`` (CDDS 2; known: a conditional probability from the KL
+    matrix; reconstructed: the temperature).
+
+    kl S [d, d'] -> P [d, d'], rows sum to 1. ``relative=True``: ``τ_S = kl_temperature · std_j S_ij``
+    (population std, ``eps`` under the square root), so P is invariant to ``S_i· -> a_i S_i· + b_i``
+    (a_i > 0) and the same ``kl_temperature`` means the same sharpness at any d, τ_c or feature
+    scale; raw KL values are ~1e-4..3e-2, where the literal ``softmax(-S)`` is uniform to 2 %.
+    ``relative=False``: ``τ_S = kl_temperature`` literally (1.0 = the spec's ``softmax(-S)``).
+    """
+    if relative:
+        kl_temperature = (kl.var(1, unbiased=False, keepdim=True) + eps).sqrt() * kl_temperature
+    return torch.softmax(-kl / kl_temperature, dim=1)
+
+
 def related_weights(kl: Tensor, alpha: Tensor, temperature: float, relative: bool = True,
+                    kl_temperature: float = 1.0, kl_relative: bool = True,
                     eps: float = 1e-12) -> tuple[Tensor, Tensor]:
     """Soft-thresholded related-semantics weights from the KL matrix (CDDS 2).
 
     kl S [d, d], alpha [d] (one threshold weight per row) -> (W [d, d], gate [d, d]):
-    ``P(j|i) = softmax_j(-S_ij)``; ``κ_i = mean_j P + α_i std_j P``;
+    ``P(j|i) = related_probability(S)``; ``κ_i = mean_j P + α_i std_j P``;
     ``gate_ij = sigmoid((P(j|i) - κ_i) / T)``; ``W_ij = P(j|i) gate_ij`` normalised over j.
     Known: conditional probability, threshold from its mean and std weighted by a learnable α.
     Reconstructed: the exact forms. ``relative=True`` measures T in units of ``std_j P(j|i)``
     (P is ~1/d, so a fixed T would need to shrink with d); ``relative=False`` is the literal form.
+    T -> 0 makes the gate the hard indicator ``P(j|i) > κ_i``.
     """
-    prob = torch.softmax(-kl, dim=1)
+    prob = related_probability(kl, kl_temperature, kl_relative, eps)
     mean = prob.mean(1, keepdim=True)
     std = (prob.var(1, unbiased=False, keepdim=True) + eps).sqrt()  # eps: finite gradient when P is flat
     kappa = mean + alpha.unsqueeze(1) * std
@@ -120,25 +139,96 @@ def related_weights(kl: Tensor, alpha: Tensor, temperature: float, relative: boo
 
 
 def related_semantics(source: Tensor, target: Tensor, alpha: Tensor, column_temperature: float,
-                      mask_temperature: float, relative: bool = True) -> tuple[Tensor, Tensor]:
+                      mask_temperature: float, relative: bool = True, kl_temperature: float = 1.0,
+                      kl_relative: bool = True, num_positions: int | None = None) -> tuple[Tensor, Tensor]:
     """CDDS 2 end to end for one side: source [N_s, d], target [N_t, d] valid tokens, alpha [d]
     -> (W [d, d], gate [d, d]) with row i = source column i, column j = target column j.
-    Columns are compared on ``K = min(N_s, N_t)`` quantile positions."""
-    k = min(source.shape[0], target.shape[0])
+    Columns are compared on ``K = num_positions`` quantile positions (default ``min(N_s, N_t)``); on
+    quantile tables that are already sorted at K positions the resampling is the identity."""
+    k = num_positions or min(source.shape[0], target.shape[0])
     kl = kl_matrix(column_log_distributions(source, k, column_temperature),
                    column_log_distributions(target, k, column_temperature))
-    return related_weights(kl, alpha, mask_temperature, relative)
+    return related_weights(kl, alpha, mask_temperature, relative, kl_temperature, kl_relative)
+
+
+def effective_support(weights: Tensor) -> Tensor:
+    """``exp(H(W_i·))`` averaged over rows: how many columns each row really mixes.
+
+    weights [d, d'] (rows sum to 1, entries >= 0) -> 0-dim, in [1, d']: 1 for one-hot rows, d' for
+    uniform rows. Unlike a count of gate > 0.5 it weighs columns by their mass in W.
+    """
+    entropy = -torch.special.xlogy(weights, weights).sum(1)
+    return entropy.exp().mean()
+
+
+# ---------------------------------------------------------------------------------------------
+# The same sampling at evaluation: running quantile tables (reconstructed retrieval score)
+# ---------------------------------------------------------------------------------------------
+
+def transport_table(source: Tensor, target: Tensor, weights: Tensor,
+                    num_positions: int) -> tuple[Tensor, Tensor]:
+    """The sampling map of ``distribution_sample(source, target, W)`` as two tables at K =
+    ``num_positions`` evenly spaced quantile positions u_k = k/(K-1).
+
+    source [N_s, d], target [N_t, d], weights [d, d] -> (knots [K, d], values [K, d]), ascending per
+    column: ``knots[k, i]`` = source column i's quantile at u_k, ``values[k, i] = Σ_j W_ij Q_j(u_k)``
+    (mixing commutes with the interpolation: the same weights for every j). ``apply_transport`` with
+    these tables maps a source value at quantile u to the mixed target quantile at u, as the batch
+    map does, but as a function of the value alone. On tables sorted at K positions (running
+    quantiles) it returns ``(source, target @ Wᵀ)``.
+    """
+    return resample_columns(source, num_positions), resample_columns(target, num_positions) @ weights.t()
+
+
+def apply_transport(values: Tensor, knots: Tensor, table: Tensor) -> Tensor:
+    """Per-column piecewise-linear monotone map through (knots -> table): ``F̂_i`` from the knots,
+    then ``Q̂`` from the table at the same position (both tables at the same K positions).
+
+    values [..., d], knots [K, d] (ascending per column, K >= 2), table [K, d] -> [..., d]. Values
+    outside a column's knot range map to the table's end (the CDF is clamped to [0, 1]); a value equal
+    to a run of tied knots maps to the run's last entry. Differentiable w.r.t. values and table;
+    O(numel · log K).
+    """
+    flat = values.reshape(-1, values.shape[-1]).t().contiguous()  # [d, M]
+    k_cols = knots.t().contiguous()  # [d, K]
+    upper = torch.searchsorted(k_cols, flat.detach(), right=True).clamp(1, knots.shape[0] - 1)
+    lower = upper - 1
+    left, right = k_cols.gather(1, lower), k_cols.gather(1, upper)
+    width = right - left
+    frac = ((flat - left) / width.clamp_min(torch.finfo(width.dtype).tiny)).clamp(0, 1)
+    frac = torch.where(width > 0, frac, (flat >= right).to(frac.dtype))
+    t_cols = table.t()
+    mapped = t_cols.gather(1, lower) * (1 - frac) + t_cols.gather(1, upper) * frac  # [d, M]
+    return mapped.t().reshape(values.shape)
 
 
 # ---------------------------------------------------------------------------------------------
 # Decoupling constraints (CDDS 4)
 # ---------------------------------------------------------------------------------------------
 
-def modality_consistency_loss(modality: Tensor, mask: Tensor) -> Tensor:
-    """``L_m`` for one modality (CDDS 4; known: "KL between each token's softmaxed modality component
-    and the mean over its sample's tokens"; reconstructed: direction and averaging).
+def reduce_samples(values: Tensor, mask: Tensor, reduction: str = "sum") -> Tensor:
+    """values [B, N], mask [B, N] -> scalar: each sample's mean over its valid tokens, then the sum
+    (``reduction="sum"``) or the mean (``"mean"``) over samples; a sample without valid tokens counts 0.
 
-    modality [B, N, d], mask [B, N] bool -> scalar: mean over valid tokens of
+    The normalisation of every CDDS constraint (reconstructed): per sample a mean, so an image's R
+    regions and a caption's L words count equally; over samples the reduction of the alignment loss
+    L_s (``CddsModel.reduction``: the hinge sums over its queries, InfoNCE averages), so a sample's
+    weight relative to L_s does not change with the batch size. A batch mean under the summed hinge
+    made L_m's encoder gradient 0.4 % of L_s's at unit weight and shrank every constraint as 1/B.
+    """
+    per_sample = torch.where(mask, values, 0.0).sum(1) / mask.sum(1).clamp_min(1)
+    if reduction == "sum":
+        return per_sample.sum()
+    if reduction == "mean":
+        return per_sample.mean()
+    raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
+
+
+def modality_consistency_loss(modality: Tensor, mask: Tensor, reduction: str = "sum") -> Tensor:
+    """``L_m`` for one modality (CDDS 4; known: "KL between each token's softmaxed modality component
+    and the mean over its sample's tokens"; reconstructed: direction and normalisation).
+
+    modality [B, N, d], mask [B, N] bool -> scalar: ``reduce_samples`` of
     ``KL(softmax(m_bn) ‖ mean_{n' valid} softmax(m_bn'))``. Zero iff every valid token of a sample
     has the same softmaxed modality component: modality information is shared by the whole sample.
     """
@@ -147,17 +237,15 @@ def modality_consistency_loss(modality: Tensor, mask: Tensor) -> Tensor:
     valid = mask.unsqueeze(-1).to(p.dtype)
     mean = (p * valid).sum(1, keepdim=True) / valid.sum(1, keepdim=True).clamp_min(1.0)
     log_mean = mean.clamp_min(torch.finfo(p.dtype).tiny).log()
-    kl = (p * (log_p - log_mean)).sum(-1)  # [B, N]
-    return torch.where(mask, kl, 0.0).sum() / mask.sum().clamp_min(1)
+    return reduce_samples((p * (log_p - log_mean)).sum(-1), mask, reduction)
 
 
-def completeness_loss(reconstruction: Tensor, target: Tensor, mask: Tensor) -> Tensor:
+def completeness_loss(reconstruction: Tensor, target: Tensor, mask: Tensor, reduction: str = "sum") -> Tensor:
     """One modality's half of ``L_f = ‖w_s V^s + w_m V^m − V‖²`` or
     ``L_x = ‖w_x V^x + w_m V^m − V‖²`` (CDDS 4; known form, reconstructed normalisation).
 
     reconstruction, target [B, N, d], mask [B, N] -> scalar: squared error averaged over dimensions
-    (so the weight α_f does not scale with d) and over valid tokens. Exactly 0 for an exact
+    (so the weight does not scale with d), then ``reduce_samples``. Exactly 0 for an exact
     reconstruction; padded positions never count.
     """
-    err = (reconstruction - target).pow(2).mean(-1)
-    return torch.where(mask, err, 0.0).sum() / mask.sum().clamp_min(1)
+    return reduce_samples((reconstruction - target).pow(2).mean(-1), mask, reduction)

@@ -4,8 +4,8 @@ Known: a shared encoder of transformer layers feeds a *semantic* and a *modality
 skips from each encoder level; z groups of Gaussian noise are added to the encoder output and the
 decoded results averaged; 2 encoder levels and 2 levels per decoder at width 512 in the paper.
 Reconstructed: the layer type (pre-norm transformer layers, feed-forward 2·d, no dropout), how a skip
-enters a decoder level (concatenate, then a linear map back to d, as UNets concatenate skips), and
-that the skips themselves stay noise-free.
+enters a decoder level (concatenate, then a linear map back to d, as UNets concatenate skips), that
+the skips themselves stay noise-free, and σ in units of each token's feature std.
 
 Shapes: tokens [B, N, d] with a validity mask [B, N]; every level keeps [B, N, d].
 """
@@ -71,8 +71,9 @@ class DualPathUNet(nn.Module):
     """Shared encoder + semantic decoder (+ modality decoder when a loss reads it).
 
     ``forward(tokens [B, N, d], mask [B, N]) -> {"semantic": [B, N, d], "modality": [B, N, d]}``.
-    In training with ``noise_std`` σ > 0, z = ``noise_groups`` noisy copies ``H_depth + σ ε`` are
-    decoded in one pass (z folded into the batch dim) and averaged; in eval the decoders run once.
+    In training with ``noise_std`` σ > 0, z = ``noise_groups`` noisy copies ``H_depth + σ s ε`` (s = each
+    token's feature std, detached: σ is relative) are decoded in one pass (z folded into the batch
+    dim) and averaged; in eval the decoders run once.
     """
 
     def __init__(self, width: int, heads: int, depth: int, noise_groups: int = 1, noise_std: float = 0.0,
@@ -95,9 +96,15 @@ class DualPathUNet(nn.Module):
 
     def add_noise(self, bottom: Tensor, padding: Tensor) -> tuple[Tensor, Tensor]:
         """Fold z noisy copies of the encoder output into the batch: [B, N, d] -> [z·B, N, d]
-        (group-major) and the padding with it; the skips stay [B, N, d] (see ``DecoderLevel``)."""
+        (group-major) and the padding with it; the skips stay [B, N, d] (see ``DecoderLevel``).
+
+        σ is relative: each token's noise has std ``noise_std · std_d(H_D[b, n])`` (that token's std
+        over its d features, detached), so the signal-to-noise ratio does not depend on the scale
+        the encoder happens to reach, and the noise is per-sample (the same under DDP).
+        """
         z = self.noise_groups
-        noise = torch.randn((z, *bottom.shape), device=bottom.device, dtype=bottom.dtype) * self.noise_std
+        scale = self.noise_std * bottom.detach().std(-1, unbiased=False, keepdim=True)  # [B, N, 1]
+        noise = torch.randn((z, *bottom.shape), device=bottom.device, dtype=bottom.dtype) * scale
         return (bottom.unsqueeze(0) + noise).flatten(0, 1), padding.repeat(z, 1)
 
     def forward(self, tokens: Tensor, mask: Tensor) -> dict[str, Tensor]:
