@@ -241,4 +241,7 @@ def test_tiny_ablation_writes_three_formats_and_one_parent_four_children(smoke_s
     with pytest.raises(ConfigError, match="already finished.*study report"):
         run_ablation(study)
     (outcome.ablation_dir / "ablation.md").unlink()
-    assert build_report(outcome.ablation_dir).markdown == markdown  # rebuilt from stored results only
+    rebuilt = build_report(outcome.ablation_dir)  # rebuilt from stored results only
+    assert (outcome.ablation_dir / "ablation.md").read_text() == markdown
+    assert rebuilt.markdown.startswith(markdown) and "## Term budget" in rebuilt.markdown
+    assert "| full    |" in rebuilt.markdown.split("## Term budget")[1]  # the full row's shares, by row
