@@ -66,7 +66,7 @@ def compare(method: str, trials: pd.DataFrame, values: dict) -> dict:
         p = float(test.pvalue)
     else:
         low = high = p = float("nan")
-    budget = done[done["variant"] == "full"].filter(like="budget/").mean()
+    budget = done[done["variant"] == "full"].filter(like="budget/").mean().dropna()  # the base row's terms are NaN here
     return {"method": method, "seeds": n, "full rSum": f"{wide['full'].mean():.1f} ± {wide['full'].std():.1f}",
             "base rSum": f"{wide['base'].mean():.1f} ± {wide['base'].std():.1f}",
             "Δ (full − base)": f"{mean:+.1f}", "95 % CI of Δ": f"[{low:+.1f}, {high:+.1f}]",
