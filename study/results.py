@@ -72,7 +72,8 @@ def study_table(records: list[TrialRecord], params: dict, metric: str, epochs: i
 
 def ablation_metric(key: str) -> bool:
     """Retrieval metrics on every split, the modality-gap diagnostics, the loss and the term budget."""
-    return key == "loss" or key.startswith(BUDGET_PREFIX) or any(key == p + m for p in ABLATION_PREFIXES for m in RETRIEVAL + GAP_METRICS)
+    return key == "loss" or key.startswith(BUDGET_PREFIX) or any(
+        key == p + m for p in ABLATION_PREFIXES for m in RETRIEVAL + GAP_METRICS)
 
 
 def ablation_table(records: list[TrialRecord], jobs: dict[str, dict], epochs: int) -> pd.DataFrame:

@@ -85,3 +85,22 @@ def test_coco_5fold_on_a_test_split_of_partial_folds_fails_before_training(smoke
     with pytest.raises(ConfigError, match="coco_5fold needs whole folds of 1000 images.*has 200"):
         fit(job, reporter)
     assert reporter.history == []
+
+
+def test_measuring_the_budget_changes_no_state(smoke_study):
+    """Parameters, buffers (CDDS's running quantiles) and the RNG are as before the measurement."""
+    from tests.test_methods import IMAGE_DIM, job_for, random_batch
+    from trainables.loop import measure_budget
+
+    job = job_for("cdds")
+    torch.manual_seed(0)
+    model = build_model(job, IMAGE_DIM).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    budget = measure_budget(model, random_batch(), job, 1, torch.device("cpu"))
+    assert set(budget) >= {"budget/s", "budget/m", "weighted/s"} and abs(sum(
+        v for k, v in budget.items() if k.startswith("budget/")) - 1) < 1e-6
+    assert torch.equal(torch.get_rng_state(), rng)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert any(b.numel() for b in model.buffers())  # CDDS has running buffers: the check is not vacuous

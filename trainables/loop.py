@@ -169,11 +169,17 @@ def train_one_epoch(net, model: ITMModel, loader, optimizer, job: JobConfig, epo
 
 def measure_budget(model: ITMModel, batch: dict, job: JobConfig, epoch: int, device) -> dict[str, float]:
     """The term budget (``trainables/budget.py``) on this batch, through the unwrapped model so DDP's
-    gradient hooks stay out of it; the RNG is forked so measuring it leaves training unchanged."""
+    gradient hooks stay out of it. The RNG is forked and the buffers restored (e.g. CDDS's running
+    quantiles), so measuring it leaves training unchanged."""
     devices = [device] if device.type == "cuda" else []
+    buffers = {name: value.clone() for name, value in model.named_buffers()}
     with torch.random.fork_rng(devices=devices), autocast(device, job.train.precision):
         losses = TrainStep(model)(batch, epoch)
-        return term_budget(losses.terms, losses.weights, model.shared_parameters())
+        budget = term_budget(losses.terms, losses.weights, model.shared_parameters())
+    with torch.no_grad():
+        for name, value in model.named_buffers():
+            value.copy_(buffers[name])
+    return budget
 
 
 def finite(metrics: dict) -> dict[str, float]:
