@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -61,6 +63,22 @@ def test_ray_train_two_workers_improve_rsum_and_resume(smoke_study, ray_session,
     assert [m["epoch"] for m in history] == [1, 2]
     assert history[0]["rsum"] == first[0]["rsum"]
     assert history[-1]["rsum"] > untrained_rsum(job) + 30
+
+
+def test_every_process_restores_from_its_own_copy_of_the_checkpoint(tmp_path):
+    # Ray's default to_directory() folder is shared by every rank on a node, and a late rank
+    # re-downloads into it while an early one reads it: a two-worker resume once read a torn state.pt.
+    import ray.train
+    from trainables.ray_train import private_copy
+
+    (tmp_path / "state.pt").write_bytes(b"weights")
+    checkpoint = ray.train.Checkpoint.from_directory(str(tmp_path))
+    with private_copy(checkpoint) as first, private_copy(checkpoint) as second:
+        assert first != second and str(tmp_path) not in (first, second)
+        assert (Path(first) / "state.pt").read_bytes() == (Path(second) / "state.pt").read_bytes() == b"weights"
+    assert not Path(first).exists() and not Path(second).exists()
+    with private_copy(None) as nothing:
+        assert nothing is None
 
 
 @pytest.mark.parametrize("protocol", ["full", "coco_5fold"])

@@ -14,7 +14,7 @@ import random
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import Protocol
+from typing import ContextManager, Protocol
 
 import numpy as np
 import torch
@@ -47,7 +47,9 @@ class Reporter(Protocol):
 
     def report(self, metrics: dict[str, float], checkpoint_dir: str | None) -> None: ...
 
-    def latest_checkpoint_dir(self) -> str | None: ...
+    def latest_checkpoint(self) -> ContextManager[str | None]:
+        """A private local copy of the newest checkpoint (None if there is none), valid inside the block."""
+        ...
 
 
 @dataclass
@@ -101,7 +103,8 @@ def fit(job: JobConfig, reporter: Reporter, device: torch.device | None = None) 
                                   weight_decay=job.train.weight_decay)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(job.train.lr_decay_epochs),
                                                      gamma=job.train.lr_decay_gamma)
-    history = restore(reporter.latest_checkpoint_dir(), model, optimizer, scheduler, device)
+    with reporter.latest_checkpoint() as checkpoint_dir:
+        history = restore(checkpoint_dir, model, optimizer, scheduler, device)
     net = TrainStep(model)
     if reporter.world_size > 1:
         # Some switches leave parameters unused (e.g. a learnable threshold of a disabled term).

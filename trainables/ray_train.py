@@ -9,7 +9,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import ray.exceptions
@@ -40,6 +43,21 @@ def node_id() -> str:
     return ray.get_runtime_context().get_node_id()
 
 
+@contextlib.contextmanager
+def private_copy(checkpoint: ray.train.Checkpoint | None) -> Iterator[str | None]:
+    """This process's own copy of ``checkpoint``, deleted after the block.
+
+    ``Checkpoint.to_directory()`` without a path gives every process on a node one shared folder,
+    and a rank that arrives after the first download has finished downloads into it again while
+    the others read it: rank 1 of a two-worker resume once read a torn ``state.pt``.
+    """
+    if checkpoint is None:
+        yield None
+        return
+    with tempfile.TemporaryDirectory(prefix="itm-restore-") as tmp:
+        yield checkpoint.to_directory(tmp)
+
+
 class RayTrainReporter:
     """``Reporter`` inside a Ray Train worker."""
 
@@ -52,9 +70,8 @@ class RayTrainReporter:
         checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         ray.train.report({**metrics, "node_id": node_id()}, checkpoint=checkpoint)
 
-    def latest_checkpoint_dir(self) -> str | None:
-        checkpoint = ray.train.get_checkpoint()
-        return checkpoint.to_directory() if checkpoint else None
+    def latest_checkpoint(self) -> contextlib.AbstractContextManager[str | None]:
+        return private_copy(ray.train.get_checkpoint())
 
 
 class TuneReporter:
@@ -67,9 +84,8 @@ class TuneReporter:
         checkpoint = ray.tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         ray.tune.report({**metrics, "node_id": node_id()}, checkpoint=checkpoint)
 
-    def latest_checkpoint_dir(self) -> str | None:
-        checkpoint = ray.tune.get_checkpoint()
-        return checkpoint.to_directory() if checkpoint else None
+    def latest_checkpoint(self) -> contextlib.AbstractContextManager[str | None]:
+        return private_copy(ray.tune.get_checkpoint())
 
 
 def train_loop_per_worker(config: dict) -> list[dict[str, float]]:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -35,6 +37,7 @@ class LocalReporter:
         for old in self._checkpoints()[: -self.keep]:
             shutil.rmtree(old)
 
-    def latest_checkpoint_dir(self) -> str | None:
+    @contextlib.contextmanager
+    def latest_checkpoint(self) -> Iterator[str | None]:
         checkpoints = self._checkpoints()
-        return str(checkpoints[-1]) if checkpoints else None
+        yield str(checkpoints[-1]) if checkpoints else None
