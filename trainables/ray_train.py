@@ -36,6 +36,11 @@ def quiet_ray_logs() -> None:
     """Ray Train logs every report and checkpoint at INFO; the CLI prints its own summary."""
     for name in ("ray.train", "ray.tune"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # Train V2's worker context names its logger by file path, outside the "ray.train" tree: it dumps
+    # "Reporting training result N: TrainingReport(checkpoint=..., metrics={...})" once per epoch.
+    from ray.train.v2._internal.execution import context
+
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
 
 def node_id() -> str:
