@@ -44,6 +44,9 @@ class ModelConfig(Section):
     # anything else is a local Hugging Face checkpoint directory.
     text_encoder: str = "minilm"
     freeze_text: bool = False
+    # With freeze_text: encode each split's captions once into a memory-mapped cache beside the data
+    # (trainables/data/text_cache.py) instead of re-running the frozen encoder every batch and epoch.
+    cache_text: bool = True
 
 
 class TrainConfig(Section):

@@ -68,7 +68,10 @@ class ITMModel(nn.Module):
         return {"tokens": tokens, "mask": region_mask, "emb": F.normalize(self.image_pool(tokens, region_mask), dim=-1)}
 
     def encode_text(self, input_ids: Tensor, attention_mask: Tensor) -> dict[str, Tensor]:
-        """input_ids, attention_mask [B, L] -> tokens [B, L, d], mask (bool), emb [B, d] (unit norm)."""
+        """input_ids, attention_mask [B, L] -> tokens [B, L, d], mask (bool), emb [B, d] (unit norm).
+
+        With a frozen encoder ``input_ids`` may instead be its cached hidden states [B, L, H] float
+        (``trainables/data/text_cache.py``); ``TextEncoder`` then skips the backbone."""
         tokens = self.text_encoder(input_ids, attention_mask)
         mask = attention_mask.bool()
         return {"tokens": tokens, "mask": mask, "emb": F.normalize(self.text_pool(tokens, mask), dim=-1)}

@@ -5,7 +5,9 @@ Training batch (``build_train_loader``), one row per caption:
 - ``images``         ``[B, R, D]`` float32 — the caption's image; regions dropped by augmentation are
   moved to the end and zero-filled
 - ``region_mask``    ``[B, R]`` bool — True for a real region
-- ``input_ids``      ``[B, L]`` int64 — the text encoder's own tokenizer
+- ``input_ids``      ``[B, L]`` int64 — the text encoder's own tokenizer; or, given a frozen encoder's
+  cache (``text=`` a :class:`~trainables.data.text_cache.TextFeatures`), its hidden states
+  ``[B, L, H]`` float32, zero-padded on the right
 - ``attention_mask`` ``[B, L]`` int64
 - ``image_ids``      ``[B]`` int64 — index of the caption's image in its split (equal ids are positives)
 
@@ -28,6 +30,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from trainables.config import DataConfig
 from trainables.data.precomp import PrecompSplit
+from trainables.data.text_cache import TextFeatures
 from trainables.errors import ConfigError
 
 
@@ -57,14 +60,31 @@ def image_tensor(split: PrecompSplit, i: int) -> torch.Tensor:
     return torch.from_numpy(np.array(split.image(i), dtype=np.float32))
 
 
+def text_item(split: PrecompSplit, text: TextFeatures | None, j: int) -> dict:
+    """Caption ``j`` as the collate function takes it: its string, or its cached hidden states [L_j, H]."""
+    if text is None:
+        return {"caption": split.caption(j)}
+    return {"text_hidden": torch.from_numpy(np.array(text.caption(j), dtype=np.float32))}
+
+
+def check_text(split: PrecompSplit, text: TextFeatures | None) -> None:
+    if text is not None and len(text) != split.n_captions:
+        raise ValueError(f"{text} has {len(text)} captions but split {split.split!r} uses {split.n_captions}")
+
+
 class CaptionDataset(Dataset):
-    """Item ``j`` = caption ``j`` with its image ``j // k``: ``{images [R,D], region_mask [R], caption, image_id}``.
+    """Item ``j`` = caption ``j`` with its image ``j // k``: ``{images [R,D], region_mask [R], caption,
+    image_id}`` (``text_hidden [L_j, H]`` in place of ``caption`` when ``text`` holds the split's cached
+    features).
 
     ``region_dropout`` applies only while ``train`` is True; it is seeded by (seed, epoch, j).
     """
 
-    def __init__(self, split: PrecompSplit, region_dropout: float = 0.0, train: bool = False, seed: int = 0):
+    def __init__(self, split: PrecompSplit, region_dropout: float = 0.0, train: bool = False, seed: int = 0,
+                 text: TextFeatures | None = None):
+        check_text(split, text)
         self.split, self.region_dropout, self.train, self.seed = split, region_dropout, train, seed
+        self.text = text
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -80,7 +100,7 @@ class CaptionDataset(Dataset):
         else:
             images = image_tensor(self.split, i)
             mask = torch.ones(images.shape[0], dtype=torch.bool)
-        return {"images": images, "region_mask": mask, "caption": self.split.caption(j), "image_id": i}
+        return {"images": images, "region_mask": mask, **text_item(self.split, self.text, j), "image_id": i}
 
 
 class ImageDataset(Dataset):
@@ -98,16 +118,18 @@ class ImageDataset(Dataset):
 
 
 class TextDataset(Dataset):
-    """Item ``j`` = caption ``j`` only: ``{caption, image_id}`` (evaluation encodes text separately)."""
+    """Item ``j`` = caption ``j`` only: ``{caption, image_id}`` (evaluation encodes text separately), or
+    ``{text_hidden, image_id}`` from the cached features ``text``."""
 
-    def __init__(self, split: PrecompSplit):
-        self.split = split
+    def __init__(self, split: PrecompSplit, text: TextFeatures | None = None):
+        check_text(split, text)
+        self.split, self.text = split, text
 
     def __len__(self) -> int:
         return self.split.n_captions
 
     def __getitem__(self, j: int) -> dict:
-        return {"caption": self.split.caption(j), "image_id": self.split.image_of_caption(j)}
+        return {**text_item(self.split, self.text, j), "image_id": self.split.image_of_caption(j)}
 
 
 class Collate:
@@ -129,7 +151,17 @@ class Collate:
                                     max_length=self.max_length, return_tensors="pt")
             batch["input_ids"] = tokens["input_ids"].long()
             batch["attention_mask"] = tokens["attention_mask"].long()
+        if "text_hidden" in items[0]:
+            batch["input_ids"], batch["attention_mask"] = pad_hidden([item["text_hidden"] for item in items])
         return batch
+
+
+def pad_hidden(hidden: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cached hidden states ``[L_j, H]`` -> right-padded ``[B, L, H]`` float32, ``[B, L]`` int64 mask."""
+    lengths = torch.tensor([h.shape[0] for h in hidden])
+    padded = torch.nn.utils.rnn.pad_sequence(hidden, batch_first=True)
+    mask = (torch.arange(padded.shape[1]).unsqueeze(0) < lengths.unsqueeze(1)).long()
+    return padded, mask
 
 
 class EpochBatchSampler(Sampler[list[int]]):
@@ -256,10 +288,11 @@ def set_epoch(loader: DataLoader, epoch: int) -> None:
 
 
 def build_train_loader(cfg: DataConfig, split: PrecompSplit, tokenizer, batch_size: int, seed: int,
-                       rank: int = 0, world_size: int = 1) -> DataLoader:
+                       rank: int = 0, world_size: int = 1, text: TextFeatures | None = None) -> DataLoader:
     """Training batches of ``batch_size`` captions per replica, with region dropout and, if
-    ``cfg.unique_images``, no two captions of one image in a batch. Call :func:`set_epoch` every epoch."""
-    dataset = CaptionDataset(split, cfg.region_dropout, train=True, seed=seed)
+    ``cfg.unique_images``, no two captions of one image in a batch. Call :func:`set_epoch` every epoch.
+    ``text``: the split's cached frozen-encoder features (batches then carry them, not token ids)."""
+    dataset = CaptionDataset(split, cfg.region_dropout, train=True, seed=seed, text=text)
     sampler_cls = UniqueImageBatchSampler if cfg.unique_images else RandomBatchSampler
     sampler = sampler_cls(split.n_images, split.captions_per_image, batch_size, seed=seed,
                           num_replicas=world_size, rank=rank)
@@ -273,12 +306,14 @@ class EvalLoaders(NamedTuple):
     captions: DataLoader  # k·N captions in split order: input_ids, attention_mask, image_ids
 
 
-def build_eval_loaders(cfg: DataConfig, split: PrecompSplit, tokenizer, batch_size: int) -> EvalLoaders:
-    """Image and caption loaders over ``split`` in order, without augmentation."""
+def build_eval_loaders(cfg: DataConfig, split: PrecompSplit, tokenizer, batch_size: int,
+                       text: TextFeatures | None = None) -> EvalLoaders:
+    """Image and caption loaders over ``split`` in order, without augmentation (``text``: as for
+    :func:`build_train_loader`)."""
     collate = Collate(tokenizer, cfg.max_text_len)
 
     def loader(dataset: Dataset) -> DataLoader:
         return DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate,
                           num_workers=cfg.num_workers)
 
-    return EvalLoaders(images=loader(ImageDataset(split)), captions=loader(TextDataset(split)))
+    return EvalLoaders(images=loader(ImageDataset(split)), captions=loader(TextDataset(split, text)))
