@@ -83,6 +83,9 @@ class StorageConfig(Section):
 class AblationConfig(Section):
     variants: list[str] | None = None  # None = the method's registered ablation rows
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
+    # Which epoch's test metrics a run contributes: the one with the best validation rSum (what
+    # papers report) or the last one.
+    select: Literal["best_val", "final"] = "best_val"
 
 
 def _method_sections() -> dict[str, Any]:

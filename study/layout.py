@@ -8,8 +8,10 @@ parent run) and ``results.csv``; a study adds ``space.yaml`` and the Optuna jour
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
+import time
 from pathlib import Path
 
 from pydantic import ValidationError
@@ -71,6 +73,18 @@ def ablation_dir_of(study) -> Path:
     """``storage.path/NAME-ablation``, after checking that every node can reach it."""
     check_storage(study.storage.path)
     return Path(study.storage.path) / f"{study.name}-ablation"
+
+
+def move_aside(directory: Path) -> Path | None:
+    """Rename ``directory`` to ``NAME.old-YYYYmmdd-HHMMSS`` beside it (``run --restart``), so a study
+    whose space or settings were wrong starts over without deleting anything; None if absent."""
+    if not directory.exists():
+        return None
+    stamp = f"{directory.name}.old-{time.strftime('%Y%m%d-%H%M%S')}"
+    names = (stamp if n == 0 else f"{stamp}-{n}" for n in itertools.count())  # two restarts in one second
+    target = next(path for path in map(directory.with_name, names) if not path.exists())
+    directory.rename(target)
+    return target
 
 
 def write_parent(directory: Path, run_id: str) -> None:

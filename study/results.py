@@ -18,7 +18,10 @@ STATUSES = (COMPLETED, EARLY_STOPPED, FAILED, INCOMPLETE)
 RETRIEVAL = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")
 GAP_METRICS = ("gap_centroid_dist", "alignment", "uniformity_img", "uniformity_txt")
 STUDY_METRICS = (*RETRIEVAL, "loss", "gap_centroid_dist", "alignment", "training_iteration")
-ABLATION_PREFIXES = ("", "test_", "test_1k_")  # validation, test (5K on COCO), COCO's 1K fold average
+# validation, test (5K on COCO), COCO's 1K fold average: at the final epoch, then ``best_``: at the
+# epoch with the best validation rSum so far (trainables/loop.py), what ``ablation.select: best_val`` reads.
+ABLATION_PREFIXES = ("", "test_", "test_1k_", "best_", "best_test_", "best_test_1k_")
+BEST_EPOCH = "best_epoch"  # the epoch the ``best_*`` metrics come from
 BUDGET_PREFIX = "budget/"  # a loss term's share of the encoders' gradient norm (trainables/budget.py)
 
 
@@ -71,13 +74,15 @@ def study_table(records: list[TrialRecord], params: dict, metric: str, epochs: i
 
 
 def ablation_metric(key: str) -> bool:
-    """Retrieval metrics on every split, the modality-gap diagnostics, the loss and the term budget."""
-    return key == "loss" or key.startswith(BUDGET_PREFIX) or any(
+    """Retrieval metrics on every split at the final and the best-validation epoch (and that epoch),
+    the modality-gap diagnostics, the loss and the term budget."""
+    return key in ("loss", BEST_EPOCH) or key.startswith(BUDGET_PREFIX) or any(
         key == p + m for p in ABLATION_PREFIXES for m in RETRIEVAL + GAP_METRICS)
 
 
 def ablation_table(records: list[TrialRecord], jobs: dict[str, dict], epochs: int) -> pd.DataFrame:
-    """An ablation's ``results.csv``: id, row, seed, the row's method, status, final-epoch metrics."""
+    """An ablation's ``results.csv``: id, row, seed, the row's method, status, the last report's
+    metrics (final-epoch and best-validation-epoch ones)."""
     rows = []
     for record in records:
         variant = record.config.get("variant")

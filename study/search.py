@@ -3,12 +3,17 @@
 The study directory (``storage.path/NAME``, ``study/layout.py``) holds Tune's experiment state, the
 resolved study file, the space, the Optuna journal, ``results.csv`` and the MLflow parent run id.
 Ray itself is behind ``study/tuner.py`` and ``study/ray_session.py``, and MLflow behind
-``study/tracking.py``: all imported once every check has passed, so bad input fails fast.
+``study/tracking.py``: all imported once every check has passed, so bad input fails fast. The data
+checks (``study/preflight.py``, which loads torch) and pandas load only once the study file and its
+search space have passed.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import contextlib
+from collections.abc import Iterator
+
+from dataclasses import dataclass, replace
 from math import prod
 from pathlib import Path
 
@@ -22,11 +27,10 @@ from study.layout import (
     STUDY_FILE,
     TUNER_STATE,
     load_study_dir,
+    move_aside,
     study_dir_of,
     write_parent,
 )
-from study.preflight import check_study
-from study.results import INCOMPLETE, best_trial, study_table
 from study.spaces import Param, grid, resolve_space
 from trainables.errors import ConfigError
 
@@ -40,11 +44,12 @@ class StudyOutcome:
     interrupted: bool = False
 
 
-def connect(address: str | None) -> None:
-    """Start or join Ray (imported only now: a bad study fails before Ray loads)."""
+def connect(address: str | None, resources) -> None:
+    """Start or join Ray (imported only now: a bad study fails before Ray loads), and check that a
+    trial's workers fit on the cluster."""
     from study import ray_session
 
-    ray_session.connect(address)
+    ray_session.connect(address, resources)
 
 
 def expected_trials(study, params: dict[str, Param]) -> int:
@@ -57,7 +62,9 @@ def new_study_dir(study) -> Path:
     study_dir = study_dir_of(study)
     if (study_dir / PARENT_FILE).exists():
         raise ConfigError(f"study {study.name!r} already exists at {study_dir}: continue it with "
-                          f"`python -m study resume {study_dir}` or choose another name")
+                          f"`python -m study resume {study_dir}`, start it over with `python -m study run "
+                          "STUDY.yaml --restart` (moves the old folder aside), or choose another name "
+                          "(--set name=NEW)")
     return study_dir
 
 
@@ -86,37 +93,65 @@ def trial_runs(study, parent: str):
                               study.method, fixed, study.train.epochs)
 
 
-def run_study(study, address: str | None = None) -> StudyOutcome:
-    """Validate everything, then search. Errors before this point leave nothing half-written."""
+def run_study(study, address: str | None = None, restart: bool = False) -> StudyOutcome:
+    """Validate everything, then search. Errors before this point leave nothing half-written.
+    ``restart``: an existing study of this name is moved aside (``NAME.old-<time>``) first."""
     params = resolve_space(study)
+    from study.preflight import check_study
+
     check_study(study)
-    new_study_dir(study)
-    connect(address)  # a bad address or token fails here, before anything is written
+    study_dir = study_dir_of(study) if restart else new_study_dir(study)
+    connect(address, study.resources)  # a bad address, token or resource request fails here, before any write
     from study.tuner import build_tuner, trial_records
 
+    moved = move_aside(study_dir) if restart else None
+    if moved is not None:
+        print(f"restart: moved the earlier study folder {study_dir} aside to {moved.name}")
     study_dir, parent = prepare(study, params)
-    tuner = build_tuner(study, params, str(study_dir / OPTUNA_JOURNAL), trial_runs(study, parent))
-    return finish(study, params, study_dir, parent, trial_records(tuner.fit()))
+    with failed_runs_marked(study, parent, study_dir):
+        tuner = build_tuner(study, params, str(study_dir / OPTUNA_JOURNAL), trial_runs(study, parent))
+        return finish(study, params, study_dir, parent, trial_records(tuner.fit()))
 
 
 def resume_study(study_dir: str | Path, address: str | None = None) -> StudyOutcome:
     """Continue an interrupted study: finished trials are kept, MLflow runs are reused."""
     study, params, study_dir, parent = load_study_dir(study_dir)
+    from study.preflight import check_study
+
     check_study(study)
-    connect(address)
+    connect(address, study.resources)
     from study.tuner import build_tuner, restore_tuner, trial_records
 
-    if (study_dir / TUNER_STATE).exists():
-        tuner = restore_tuner(str(study_dir), study)
-    else:  # interrupted before Tune wrote its state
-        tuner = build_tuner(study, params, str(study_dir / OPTUNA_JOURNAL), trial_runs(study, parent))
-    return finish(study, params, study_dir, parent, trial_records(tuner.fit()))
+    with failed_runs_marked(study, parent, study_dir):
+        if (study_dir / TUNER_STATE).exists():
+            tuner = restore_tuner(str(study_dir), study)
+        else:  # interrupted before Tune wrote its state
+            tuner = build_tuner(study, params, str(study_dir / OPTUNA_JOURNAL), trial_runs(study, parent))
+        return finish(study, params, study_dir, parent, trial_records(tuner.fit()))
+
+
+@contextlib.contextmanager
+def failed_runs_marked(study, parent: str, study_dir: Path) -> Iterator[None]:
+    """A command that fails marks its MLflow parent and open child runs FAILED (they used to stay
+    RUNNING). An interruption (Ctrl-C, SIGTERM) is not a failure: the runs stay open for resume."""
+    from study import tracking
+
+    try:
+        yield
+    except Exception as err:
+        tracking.fail_open_runs(study.tracking.uri, study.tracking.experiment, parent,
+                                f"{type(err).__name__}: {err}", folder=study_dir)
+        raise
 
 
 def finish(study, params, study_dir: Path, parent: str, records) -> StudyOutcome:
     """Write results.csv, mark the best trial on the MLflow parent run, close it."""
     from study import tracking
+    from study.ray_session import stop_requested
+    from study.results import INCOMPLETE, best_trial, study_table
 
+    if stop_requested():  # Ctrl+C / SIGTERM: Tune ended the running trials itself; interrupted, not early-stopped
+        records = [replace(record, live=None) if record.live is False else record for record in records]
     table = study_table(records, params, study.search.metric, study.train.epochs)
     csv = study_dir / RESULTS_FILE
     table.to_csv(csv, index=False)

@@ -18,11 +18,11 @@ class TrainingResult:
     run_name: str
 
 
-def connect(address: str | None) -> None:
-    """Start or join Ray (imported only now: a bad study fails before Ray loads)."""
+def connect(address: str | None, resources) -> None:
+    """Start or join Ray (imported only now: a bad study fails before Ray loads); check the workers fit."""
     from study import ray_session
 
-    ray_session.connect(address)
+    ray_session.connect(address, resources)
 
 
 def resources_of(study):
@@ -52,7 +52,7 @@ def run_training(study, address: str | None = None, resume: bool = False) -> Tra
     if "://" not in study.storage.path:  # Ray Train itself can write to s3:// and the like
         check_storage(study.storage.path)
     name = run_name(study, resume)
-    connect(address)
+    connect(address, study.resources)
     from trainables.ray_train import train_job  # Ray loads only once the checks have passed
 
     history = train_job(study.job(), resources_of(study), name=name, storage_path=study.storage.path)

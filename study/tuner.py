@@ -10,7 +10,9 @@ reports with Ray's ``TuneReportCallback``.
 
 from __future__ import annotations
 
+import math
 import os
+import sys
 
 import optuna
 import ray.tune
@@ -21,9 +23,10 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from study.config import job_with_params
+from trainables.progress import Progress
 from study.results import TrialRecord
 from study.spaces import DefineByRun, Param, grid
-from study.tracking import TrialRuns
+from study.tracking import TrialRuns, short
 from trainables.loop import fit
 from trainables.ray_train import TuneReporter, WorkerResources, build_trainer, last_line, quiet_ray_logs
 
@@ -39,7 +42,9 @@ def quiet_tune_console() -> None:
 
 class TrackingCallback(ray.tune.Callback):
     """Tune's callback events forwarded to ``TrialRuns`` (MLflow child runs); its state (the trial ->
-    run map) is saved in Tune's experiment state, so a resumed study reuses its runs."""
+    run map) is saved in Tune's experiment state, so a resumed study reuses its runs. MLflow is a
+    side service: ``TrialRuns`` keeps its events in the study folder (Tune's experiment directory)
+    while MLflow is unreachable, and nothing of it may raise into Tune (``guarded``)."""
 
     def __init__(self, runs: TrialRuns):
         self.runs = runs
@@ -51,16 +56,59 @@ class TrackingCallback(ray.tune.Callback):
         self.runs.set_state(state)
 
     def on_trial_start(self, iteration, trials, trial, **info):
-        self.runs.started(trial.trial_id, trial.config)
+        self.guarded(self.runs.attach, trial.remote_experiment_path)
+        self.guarded(self.runs.started, trial.trial_id, trial.config)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        self.runs.reported(trial.trial_id, result)
+        self.guarded(self.runs.reported, trial.trial_id, result)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        self.runs.completed(trial.trial_id)
+        self.guarded(self.runs.completed, trial.trial_id)
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self.runs.failed(trial.trial_id, error_file_line(getattr(trial, "error_file", None)))
+        self.guarded(self.runs.failed, trial.trial_id, error_file_line(getattr(trial, "error_file", None)))
+
+    def on_experiment_end(self, trials, **info):
+        line = self.guarded(self.runs.close)
+        if line:
+            print(line, file=sys.stderr, flush=True)
+
+    @staticmethod
+    def guarded(fn, *args):
+        """``fn(*args)``; an error is one warning line, never an exception in Tune's loop."""
+        try:
+            return fn(*args)
+        except Exception as err:  # noqa: BLE001
+            print(f"warning: MLflow tracking: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
+            return None
+
+
+class ProgressCallback(ray.tune.Callback):
+    """Tune's callback events as our console lines (``study/progress.py``), on the driver."""
+
+    def __init__(self, progress: Progress):
+        self.progress = progress
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self.progress.started(trial.trial_id, trial.config)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        self.progress.reported(trial.trial_id, result)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.progress.completed(trial.trial_id, int((trial.last_result or {}).get("training_iteration", 0)))
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self.progress.failed(trial.trial_id, error_file_line(getattr(trial, "error_file", None)))
+
+
+def search_progress(study, params: dict[str, Param], runs: TrialRuns) -> Progress:
+    """Search trials are named as their MLflow runs (``<method>-NNN``); the start line shows the values."""
+    total = math.prod(len(values) for values in grid(params).values()) if study.search.algorithm == "grid" \
+        else study.search.num_samples
+    return Progress(lambda config, number: f"{runs.method}-{number:03d}", total, study.train.epochs,
+                    metric=study.search.metric,
+                    detail=lambda config: " ".join(f"{k.split('.')[-1]}={short(v)}" for k, v in config.items()))
 
 
 def error_file_line(path: str | None) -> str:
@@ -88,13 +136,6 @@ def trial_records(grid) -> list[TrialRecord]:
             error=last_line(result.error) if result.error is not None else "",
             live=None if state is None else state in LIVE_STATES))
     return records
-
-
-def progress_reporter(metric: str, parameter_columns: dict[str, str]) -> ray.tune.CLIReporter:
-    """The live console table: epoch, loss, the study's metric and the given parameters."""
-    return ray.tune.CLIReporter(
-        metric_columns={"training_iteration": "epoch", "loss": "loss", metric: metric},
-        parameter_columns=parameter_columns, max_report_frequency=30, sort_by_metric=True)
 
 
 def run_trial(config: dict, base_job: dict, resources: WorkerResources, storage_path: str) -> None:
@@ -160,8 +201,6 @@ def build_tuner(study, params: dict[str, Param], journal_path: str, runs: TrialR
     quiet_tune_console()
     s = study.search
     search_alg = searcher(study, params, journal_path)
-    # Conditional parameters are absent from some trials, which the reporter cannot show.
-    progress = progress_reporter(s.metric, {n: n.split(".")[-1] for n, p in params.items() if not p.when})
     param_space = {name: ray.tune.grid_search(values) for name, values in grid(params).items()} \
         if search_alg is None else None
     return ray.tune.Tuner(
@@ -175,10 +214,11 @@ def build_tuner(study, params: dict[str, Param], journal_path: str, runs: TrialR
             trial_dirname_creator=lambda trial: f"trial_{trial.trial_id}",
         ),
         run_config=ray.tune.RunConfig(
-            name=study.name, storage_path=study.storage.path, callbacks=[TrackingCallback(runs)],
+            name=study.name, storage_path=study.storage.path,
+            callbacks=[TrackingCallback(runs), ProgressCallback(search_progress(study, params, runs))],
             failure_config=ray.tune.FailureConfig(max_failures=s.max_failures),
             checkpoint_config=ray.tune.CheckpointConfig(num_to_keep=1),
-            progress_reporter=progress, verbose=1,
+            verbose=0,  # our own lines instead of Tune's table (ProgressCallback)
         ),
     )
 
@@ -206,7 +246,7 @@ def ablation_trainable(study, jobs: dict[str, dict]):
 def build_ablation_tuner(study, name: str, jobs: dict[str, dict], seeds: list[int], runs: TrialRuns) -> ray.tune.Tuner:
     """One Tune grid over ``variant`` × ``seed``; every trial runs all epochs (FIFO)."""
     quiet_tune_console()
-    progress = progress_reporter("rsum", {"variant": "variant", "seed": "seed"})
+    progress = Progress(runs.run_name, len(jobs) * len(seeds), study.train.epochs)
     return ray.tune.Tuner(
         ablation_trainable(study, jobs),
         param_space={"variant": ray.tune.grid_search(list(jobs)), "seed": ray.tune.grid_search(list(seeds))},
@@ -217,10 +257,10 @@ def build_ablation_tuner(study, name: str, jobs: dict[str, dict], seeds: list[in
             trial_dirname_creator=lambda trial: f"trial_{trial.trial_id}",
         ),
         run_config=ray.tune.RunConfig(
-            name=name, storage_path=study.storage.path, callbacks=[TrackingCallback(runs)],
+            name=name, storage_path=study.storage.path, callbacks=[TrackingCallback(runs), ProgressCallback(progress)],
             failure_config=ray.tune.FailureConfig(max_failures=study.search.max_failures),
             checkpoint_config=ray.tune.CheckpointConfig(num_to_keep=1),
-            progress_reporter=progress, verbose=1,
+            verbose=0,  # our own lines instead of Tune's table (ProgressCallback)
         ),
     )
 

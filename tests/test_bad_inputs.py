@@ -1,16 +1,21 @@
 """Bad input, as a careless user gives it: one line on stderr naming what and where, exit code 2,
-nothing written, Ray never started (issue 14's table, run through the real CLI in-process)."""
+nothing written, Ray never started (issue 14's table, run through the real CLI in-process); a
+study-file error costs no torch, Ray or pandas import; ``run --restart`` moves a study aside only
+once every check has passed."""
 
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
 from study.cli import main
-from tests.conftest import SMOKE
+from tests.conftest import ROOT, SMOKE
 
 
 def smoke_file(tmp: Path, text: str) -> str:
@@ -46,6 +51,12 @@ def study_dir(tmp: Path, stored: str) -> str:
     (folder / "space.yaml").write_text("method: base\nparams: {train.lr: {type: uniform, low: 0.1, high: 0.2}}\n")
     (folder / "mlflow_parent.json").write_text('{"run_id": "x"}')
     return str(folder)
+
+
+def existing_study(tmp: Path) -> None:
+    """A started study named ``smoke`` in the results folder the table uses."""
+    (tmp / "results" / "smoke").mkdir(parents=True)
+    (tmp / "results" / "smoke" / "mlflow_parent.json").write_text('{"run_id": "x"}')
 
 
 def failed_train_run(tmp: Path) -> None:
@@ -120,6 +131,28 @@ CASES = [
      "is a file", "--out"),
     ("synth-onto-a-dataset", lambda t, s: ["data", "synth", "--out", str(s)],
      "not empty", "--force"),
+    ("study-exists", lambda t, s: existing_study(t) or ["run", SMOKE],
+     "already exists", "--restart"),
+    ("restart-with-a-bad-space", lambda t, s: existing_study(t) or ["run", SMOKE, "--restart", "--set",
+                                                                   "search.space=" + space_file(
+        t, "params: {train.epochs: {type: int, low: 0, high: 3, log: true}}\n")],
+     "low >= 1", "space.yaml"),  # and the old study is not moved: nothing under tmp changes
+]
+
+# Ray "starts" on a fake cluster of one 2-CPU node (study/ray_session.py): what no node could hold is
+# refused before anything is written, and an address where nothing listens fails before ray.init.
+FAKE_CLUSTER = [{"Alive": True, "Resources": {"CPU": 2.0}}, {"Alive": False, "Resources": {"CPU": 64.0, "GPU": 8.0}}]
+CONNECT_CASES = [
+    ("use-gpu-on-a-cpu-cluster", lambda t, s: ["run", SMOKE, "--set", "resources.use_gpu=true"],
+     "no node of this Ray cluster has a GPU", "resources.use_gpu"),
+    ("gpus-per-worker-on-a-cpu-cluster", lambda t, s: ["train", SMOKE, "--set", "resources.gpus_per_worker=1"],
+     "no node of this Ray cluster has a GPU", "resources.gpus_per_worker 1"),
+    ("cpus-beyond-any-node", lambda t, s: ["run", SMOKE, "--set", "resources.cpus_per_worker=4"],
+     "largest node of this Ray cluster has 2 CPUs", "resources.cpus_per_worker 4"),
+    ("workers-beyond-the-cluster", lambda t, s: ["train", SMOKE, "--set", "resources.workers_per_trial=4"],
+     "holds 2", "resources.workers_per_trial 4"),
+    ("ray-address-nothing-listens", lambda t, s: ["run", SMOKE, "--address", "127.0.0.1:1"],
+     "nothing answers at 127.0.0.1:1", "RAY_ADDRESS"),
 ]
 
 
@@ -133,6 +166,28 @@ def no_ray(monkeypatch):
         monkeypatch.setattr(module, "connect", lambda *a, **k: pytest.fail("Ray must not start on bad input"))
 
 
+@pytest.fixture
+def fake_cluster(monkeypatch):
+    """``ray`` as ``study/ray_session.py`` sees it: a local start that starts nothing, on FAKE_CLUSTER."""
+    import signal
+
+    from study import ray_session
+
+    def init(address=None, **kwargs):
+        if address:
+            pytest.fail(f"ray.init({address!r}) must not run: nothing listens there")
+
+    monkeypatch.setattr(ray_session, "ray", SimpleNamespace(is_initialized=lambda: False, init=init,
+                                                           nodes=lambda: FAKE_CLUSTER))
+    monkeypatch.delenv(ray_session.AUTOSCALING_ENV, raising=False)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.delenv("TUNE_DISABLE_SIGINT_HANDLER", raising=False)
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}  # connect() installs its own
+    yield
+    for sig, handler in saved.items():
+        signal.signal(sig, handler)
+
+
 def files_under(*roots: Path) -> set[Path]:
     return {path for root in roots for path in root.rglob("*")}
 
@@ -140,6 +195,18 @@ def files_under(*roots: Path) -> set[Path]:
 @pytest.mark.parametrize("argv, says, where", [case[1:] for case in CASES], ids=[case[0] for case in CASES])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(argv, says, where, synth_root, tmp_path, monkeypatch,
                                                          capsys, no_ray):
+    check_bad_input(argv, says, where, synth_root, tmp_path, monkeypatch, capsys)
+
+
+@pytest.mark.parametrize("argv, says, where", [case[1:] for case in CONNECT_CASES],
+                         ids=[case[0] for case in CONNECT_CASES])
+def test_a_study_the_cluster_cannot_hold_is_one_line_exit_2_and_writes_nothing(argv, says, where, synth_root,
+                                                                              tmp_path, monkeypatch, capsys,
+                                                                              fake_cluster):
+    check_bad_input(argv, says, where, synth_root, tmp_path, monkeypatch, capsys)
+
+
+def check_bad_input(argv, says, where, synth_root, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     args = [str(part) for part in argv(tmp_path, synth_root)]
     if args[0] in ("train", "run", "ablate"):  # a valid base: the shared data, results and MLflow in tmp_path
@@ -159,7 +226,36 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(argv, says, where, synt
 
 
 def test_the_table_covers_each_case_once():
-    assert len({case[0] for case in CASES}) == len(CASES) >= 25
+    cases = CASES + CONNECT_CASES
+    assert len({case[0] for case in cases}) == len(cases) >= 36
+
+
+BAD_STUDY_FILES = {
+    "unknown-key": "bogus: 1\n",
+    "unknown-method": "method: clip\n",
+    "bad-space": "search: {params: {train.epochs: {type: int, low: 0, high: 3, log: true}}}\n",
+}
+HEAVY = ("torch", "ray", "pandas", "mlflow", "optuna")
+
+
+@pytest.mark.parametrize("entry", ["load_study", "cli"])
+@pytest.mark.parametrize("name", sorted(BAD_STUDY_FILES))
+def test_a_bad_study_file_fails_before_torch_ray_or_pandas_load(name, entry, tmp_path):
+    """Cheap failures: the method registry, the schema and the search-space checks need none of them
+    (a fresh interpreter, so nothing another test imported counts)."""
+    bad = smoke_file(tmp_path, BAD_STUDY_FILES[name])
+    calls = {
+        "load_study": "from study.config import load_study\nfrom study.spaces import resolve_space\n"
+                      "from trainables.errors import ConfigError\n"
+                      f"try:\n    resolve_space(load_study({bad!r}))\n"
+                      "except ConfigError as err:\n    print('error:', err)",
+        "cli": f"from study.cli import main\nprint('rc', main(['run', {bad!r}]))",
+    }
+    probe = f"{calls[entry]}\nimport sys\nprint('loaded', [m for m in {HEAVY!r} if m in sys.modules])"
+    done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    output = done.stdout + done.stderr
+    assert "error:" in output and ("rc 2" in output) == (entry == "cli"), output
+    assert "loaded []" in output, output
 
 
 def test_train_resume_skips_runs_that_never_checkpointed(smoke_study):
@@ -175,3 +271,42 @@ def test_train_resume_skips_runs_that_never_checkpointed(smoke_study):
 @pytest.mark.parametrize("metric", ["rsum", "t2i_r10", "loss", "loss_align", "budget/align", "uniformity_img"])
 def test_every_reported_metric_is_a_valid_search_metric(smoke_study, metric):
     assert smoke_study(f"search.metric={metric}").search.metric == metric
+
+
+def test_run_restart_moves_the_old_study_aside_only_once_every_check_passed(synth_root, tmp_path, monkeypatch,
+                                                                          capsys):
+    import study.search as search
+
+    existing_study(tmp_path)
+    old = tmp_path / "results" / "smoke"
+    steps = []
+
+    class Started(Exception):
+        """Stands for the search itself: prepare() would write the new study here."""
+
+    def prepare(study, params):
+        steps.append(("prepare", old.exists()))
+        raise Started
+
+    monkeypatch.setattr(search, "connect", lambda address, resources: steps.append("connect"))
+    monkeypatch.setattr(search, "prepare", prepare)
+    with pytest.raises(Started):
+        main(["run", str(SMOKE), "--restart", "--set", f"data.root={synth_root}", "--set",
+              f"storage.path={tmp_path / 'results'}", "--set", f"tracking.uri=sqlite:///{tmp_path / 'm.db'}"])
+    moved = list(old.parent.glob("smoke.old-*"))
+    assert steps == ["connect", ("prepare", False)]  # connected and checked first, then moved, then started
+    assert len(moved) == 1 and (moved[0] / "mlflow_parent.json").read_text() == '{"run_id": "x"}'
+    said = capsys.readouterr().out.strip()
+    assert said == f"restart: moved the earlier study folder {old} aside to {moved[0].name}"
+
+
+def test_move_aside_never_overwrites_an_earlier_move(tmp_path):
+    from study.layout import move_aside
+
+    targets = []
+    for marker in ("first", "second"):
+        (tmp_path / "smoke").mkdir()
+        (tmp_path / "smoke" / marker).write_text("")
+        targets.append(move_aside(tmp_path / "smoke"))
+    assert len(set(targets)) == 2 and all((t / m).exists() for t, m in zip(targets, ("first", "second")))
+    assert move_aside(tmp_path / "smoke") is None  # nothing there: nothing to move

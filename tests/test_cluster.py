@@ -9,10 +9,12 @@ import os
 import random
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import time
 import uuid
 from pathlib import Path
 
@@ -93,16 +95,23 @@ def local_cluster():
         assert not [p for p in pids if alive(p)], f"cluster nodes still running: {pids}"
 
 
-def run_study_job(client_env: dict, tmp_path: Path) -> tuple[str, subprocess.CompletedProcess]:
+def study_job(client_env: dict, tmp_path: Path, *more: str) -> tuple[str, list[str], dict]:
+    """The job id, ``cluster/submit.sh`` command and environment of a smoke study job (4 trials, 1
+    epoch, 100 images, 2 at once) with its data, results and MLflow in ``tmp_path``; ``more``
+    overrides come last."""
     from trainables.data import write_synth
 
     write_synth(tmp_path / "synth", images=200)
     job_id = f"itm-test-{uuid.uuid4().hex[:8]}"
     overrides = [f"data.root={tmp_path / 'synth'}", f"storage.path={tmp_path / 'results'}",
                  f"tracking.uri=sqlite:///{tmp_path / 'mlruns.db'}", "search.num_samples=4", "train.epochs=1",
-                 "data.max_images=100", "resources.max_concurrent_trials=2", "resources.cpus_per_worker=1"]
+                 "data.max_images=100", "resources.max_concurrent_trials=2", "resources.cpus_per_worker=1", *more]
     args = [str(SUBMIT), str(ROOT / "studies" / "smoke.yaml"), *[a for o in overrides for a in ("--set", o)]]
-    env = {**client_env, "SUBMIT_ARGS": f"--submission-id {job_id}"}
+    return job_id, args, {**client_env, "SUBMIT_ARGS": f"--submission-id {job_id}"}
+
+
+def run_study_job(client_env: dict, tmp_path: Path) -> tuple[str, subprocess.CompletedProcess]:
+    job_id, args, env = study_job(client_env, tmp_path)
     return job_id, subprocess.run(args, env=env, capture_output=True, text=True, timeout=900)
 
 
@@ -242,12 +251,189 @@ def test_connect_explains_a_refused_token_in_one_line(monkeypatch):
             raise ConnectionError(f"Failed to connect to Ray cluster at {kwargs['address']}") from cause
 
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray_session, "probe", lambda address: None)  # a head answers on the port
     monkeypatch.setattr(ray, "init", refuse)
     with pytest.raises(ConfigError, match="refused this driver's token: set RAY_AUTH_MODE=token"):
         ray_session.connect("10.0.0.1:6379")
-    def unreachable(**kwargs):
+
+    def not_ray(**kwargs):  # something answers on the port, but no Ray head
         raise ConnectionError("no route to host")
 
-    monkeypatch.setattr(ray, "init", unreachable)
-    with pytest.raises(ConnectionError, match="no route"):  # other connection errors stay Ray's own
+    monkeypatch.setattr(ray, "init", not_ray)
+    with pytest.raises(ConfigError, match="no Ray head answered there"):
         ray_session.connect("10.0.0.1:6379")
+
+
+# --------------------------------------------------------------------------------------------------
+# Faults at cluster scale (issue 14): the tracking server goes away mid-study; a worker node is lost
+# mid-study. The node-loss test kills a worker of the module's cluster, so it stays the file's last.
+# --------------------------------------------------------------------------------------------------
+
+FAULT_STUDY = ("train.epochs=3", "search.scheduler=fifo")  # every trial runs every epoch
+
+
+def started_job(client_env: dict, tmp_path: Path, *more: str) -> tuple[subprocess.Popen, Path]:
+    """A fault study (4 trials × 3 epochs, 2 at once) submitted in the background; its log file."""
+    _, args, env = study_job(client_env, tmp_path, *FAULT_STUDY, *more)
+    log = tmp_path / "job.log"
+    with open(log, "w") as out:
+        return subprocess.Popen(args, env=env, stdout=out, stderr=subprocess.STDOUT), log
+
+
+def finished(job: subprocess.Popen, log: Path) -> str:
+    returncode = job.wait(timeout=900)
+    output = log.read_text()
+    assert returncode == 0, output[-4000:]
+    return output
+
+
+def wait_for(what: str, check, timeout: float = 300, every: float = 0.2):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(every)
+    raise TimeoutError(f"no {what} after {timeout:.0f}s")
+
+
+def reported(trial_dir: Path) -> list[dict]:
+    """The trial's result.json lines (as the driver wrote them so far)."""
+    try:
+        lines = (trial_dir / "result.json").read_text().splitlines()
+        return [json.loads(line) for line in lines if line.strip()]
+    except (OSError, ValueError):  # not written yet, or a line half-written
+        return []
+
+
+def mlflow_epochs(uri: str) -> tuple[list, dict[str, list[int]]]:
+    """The study's child runs, and per trial id the steps of its rsum curve."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("itm-study-smoke")
+    runs = client.search_runs([experiment.experiment_id]) if experiment else []
+    kids = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    return runs, {k.data.tags["trial_id"]: sorted(m.step for m in client.get_metric_history(k.info.run_id, "rsum"))
+                  for k in kids}
+
+
+def assert_every_epoch_once(uri: str, table: pd.DataFrame) -> list:
+    """One parent, one child per trial of ``table``, each with epochs 1..3 exactly once; the children."""
+    runs, epochs = mlflow_epochs(uri)
+    parents = [r for r in runs if r.data.tags.get("kind") == "study"]
+    kids = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert len(kids) == len(table) == 4 and set(epochs) == set(table["trial_id"])
+    assert all(steps == [1, 2, 3] for steps in epochs.values()), epochs
+    assert {k.info.status for k in kids} == {"FINISHED"} and {k.data.tags["status"] for k in kids} == {"completed"}
+    return kids
+
+
+@pytest.mark.slow
+def test_a_tracking_server_outage_mid_study_loses_no_metric(local_cluster, tmp_path):
+    """``mlflow server`` is killed once the first epoch reached it and restarted after a trial started
+    and epochs were reported without it: the job succeeds and MLflow holds every epoch once."""
+    from study import tracking_buffer as tb
+    from study.cli import main
+    from tests.test_tracking_outage import MlflowServer
+
+    (tmp_path / "mlflow").mkdir()
+    server = MlflowServer(tmp_path / "mlflow")
+    server.start()
+    buffer = tmp_path / "results" / "smoke" / tb.BUFFER_FILE
+
+    def kept() -> list[str]:
+        return [json.loads(line)["op"] for line in buffer.read_text().splitlines()] if buffer.exists() else []
+
+    job = None
+    try:
+        job, log = started_job(local_cluster, tmp_path, f"tracking.uri={server.uri}")
+        wait_for("epoch in MLflow", lambda: any(mlflow_epochs(server.uri)[1].values()))
+        server.stop()
+        outage = time.time()
+        wait_for("trial started during the outage", lambda: "create_run" in kept() and kept().count("log") >= 3)
+        outage = time.time() - outage
+        server.start()
+        output = finished(job, log)
+
+        assert "is unreachable" in output and "is back: sent" in output, output[-3000:]
+        state = json.loads((buffer.parent / tb.STATE_FILE).read_text())
+        assert state["sent"] == len(kept()) > 0 and state["rejected"] == []  # the driver sent them itself
+        table = pd.read_csv(tmp_path / "results" / "smoke" / "results.csv")
+        assert (table["status"] == "completed").all()
+        assert_every_epoch_once(server.uri, table)
+        assert main(["sync", str(buffer.parent)]) == 0  # nothing left, nothing sent twice
+        assert_every_epoch_once(server.uri, table)
+        print(f"outage {outage:.0f} s, {len(kept())} events kept and sent")
+    finally:
+        server.stop()
+        if job is not None and job.poll() is None:
+            job.kill()
+
+
+def session_of(node_pid: int) -> list[int]:
+    """Every process of a node: ``local.sh`` starts each with setsid, and Ray's raylet and the
+    workers it starts (each in a process group of its own) stay in that session."""
+    table = subprocess.run(["ps", "-eo", "pid=,sid="], capture_output=True, text=True, check=True).stdout
+    return [int(pid) for pid, sid in (line.split() for line in table.splitlines()) if int(sid) == node_pid]
+
+
+def lose_node(node_pid: int) -> None:
+    """A machine lost at once: SIGKILL to the node's process group, then to the rest of its session."""
+    os.killpg(node_pid, signal.SIGKILL)
+    for pid in session_of(node_pid):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+@pytest.mark.slow
+def test_a_lost_worker_node_costs_no_trial_and_no_epoch(local_cluster, tmp_path):
+    """One worker node is killed while a trial on it has an epoch checkpoint and epochs to go: the
+    trial is retried on the other node from that checkpoint, every trial completes, and MLflow has
+    exactly one child per trial with every epoch once."""
+    _, *workers = node_pids(Path(local_cluster["CLUSTER_DIR"]) / "cluster.env")
+    assert len(workers) == 2 and all(alive(pid) for pid in workers)
+    job, log = started_job(local_cluster, tmp_path)
+    study_dir = tmp_path / "results" / "smoke"
+    try:
+        lost_trial(job, log, study_dir, workers, tmp_path)
+    finally:
+        if job.poll() is None:
+            job.kill()
+
+
+def lost_trial(job: subprocess.Popen, log: Path, study_dir: Path, workers: list[int], tmp_path: Path) -> None:
+    """Wait for a trial with an epoch checkpoint on a worker, lose that node, check the outcome."""
+
+    def checkpointed_on_a_worker():
+        for trial in study_dir.glob("trial_*"):
+            lines = reported(trial)
+            if 1 <= len(lines) < 3 and any(trial.glob("checkpoint_*")):
+                try:
+                    node = os.getsid(lines[-1]["pid"])
+                except ProcessLookupError:
+                    continue
+                if node in workers:
+                    return trial, node, lines
+        return None
+
+    trial, node, before = wait_for("trial with a checkpoint and epochs to go", checkpointed_on_a_worker)
+    lost = time.time()
+    lose_node(node)
+    finished(job, log)
+
+    table = pd.read_csv(study_dir / "results.csv", dtype={"trial_id": str})
+    assert len(table) == 4 and (table["status"] == "completed").all(), table
+    trial_id = trial.name.removeprefix("trial_")
+    moved_to = table.set_index("trial_id").loc[trial_id, "node_id"]
+    assert moved_to != before[-1]["node_id"]  # finished on the surviving node
+    after = reported(trial)[len(before):]
+    # Resumed from its last checkpoint: the epochs after the loss continue the count, none is repeated.
+    assert [line["epoch"] for line in before + after] == [1, 2, 3], [line["epoch"] for line in before + after]
+    assert after[0]["iterations_since_restore"] == 1
+    kids = assert_every_epoch_once(f"sqlite:///{tmp_path / 'mlruns.db'}", table)
+    assert {k.data.tags["trial_id"]: k.data.tags["node_id"] for k in kids}[trial_id] == moved_to
+    print(f"node lost after epoch {len(before)} of trial {trial_id}; job done {time.time() - lost:.0f} s later")

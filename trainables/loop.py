@@ -14,7 +14,7 @@ import random
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import ContextManager, Protocol
+from typing import Callable, ContextManager, Protocol
 
 import numpy as np
 import torch
@@ -24,6 +24,7 @@ from trainables.data import (
     PrecompSplit,
     build_eval_loaders,
     build_train_loader,
+    frozen_text,
     check_eval_protocol,
     set_epoch,
 )
@@ -32,13 +33,17 @@ from trainables.budget import term_budget
 from trainables.device import autocast, choose_device
 from trainables.distributed import gather_batch
 from trainables.errors import NonFiniteLossError
-from trainables.evaluation import evaluate
+from trainables.evaluation import RECALL_AT, evaluate
 from trainables.malloc import keep_freed_memory
 from trainables.methods import build_model
 from trainables.model import ITMModel, LossOutput
 from trainables.text_models import load_tokenizer
 
 CHECKPOINT_FILE = "state.pt"
+# Checkpoint selection: test metrics are reported at the epoch with the best validation rSum.
+SELECT_METRIC = "rsum"
+BEST_PREFIX, BEST_EPOCH = "best_", "best_epoch"
+VAL_RETRIEVAL = (*(f"{d}_r{k}" for d in ("i2t", "t2i") for k in RECALL_AT), "rsum")
 
 
 class Reporter(Protocol):
@@ -110,11 +115,15 @@ def fit(job: JobConfig, reporter: Reporter, device: torch.device | None = None) 
         # Some switches leave parameters unused (e.g. a learnable threshold of a disabled term).
         net = torch.nn.parallel.DistributedDataParallel(
             net, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
-    eval_loaders = build_eval_loaders(job.data, splits.val, tokenizer, job.train.eval_batch_size)
+    eval_loaders = build_eval_loaders(job.data, splits.val, tokenizer, job.train.eval_batch_size,
+                                      text=frozen_text(job, model.text_encoder.backbone, splits.val,
+                                                       tokenizer, device))
     # train.batch_size is global: each of the world_size replicas takes its share.
     per_replica = max(job.train.batch_size // reporter.world_size, 2)
     loader = build_train_loader(job.data, splits.train, tokenizer, per_replica, seed=job.train.seed,
-                                rank=reporter.rank, world_size=reporter.world_size)
+                                rank=reporter.rank, world_size=reporter.world_size,
+                                text=frozen_text(job, model.text_encoder.backbone, splits.train,
+                                                 tokenizer, device))
     for epoch in range(len(history), job.train.epochs):
         set_epoch(loader, epoch)
         started = time.perf_counter()
@@ -125,19 +134,52 @@ def fit(job: JobConfig, reporter: Reporter, device: torch.device | None = None) 
         if reporter.rank == 0:
             metrics.update(evaluate(model, *eval_loaders, device, splits.val.captions_per_image,
                                     score_fn=model.similarity))
-            if epoch + 1 == job.train.epochs and splits.test is not None:
-                metrics.update(evaluate_test(model, job, splits.test, tokenizer, device))
+            run_test = ((lambda: evaluate_test(model, job, splits.test, tokenizer, device))
+                        if splits.test is not None else dict)
+            metrics.update(checkpoint_metrics(metrics, history, epoch + 1 == job.train.epochs, run_test))
         history.append(finite(metrics))
         publish(reporter, history, model, optimizer, scheduler)
     return history
 
 
 def evaluate_test(model: ITMModel, job: JobConfig, split: PrecompSplit, tokenizer, device) -> dict[str, float]:
-    loaders = build_eval_loaders(job.data, split, tokenizer, job.train.eval_batch_size)
+    loaders = build_eval_loaders(job.data, split, tokenizer, job.train.eval_batch_size,
+                                 text=frozen_text(job, model.text_encoder.backbone, split,
+                                                  tokenizer, device))
     result = evaluate(model, *loaders, device, split.captions_per_image,
                       coco_folds=job.data.eval_protocol == "coco_5fold", fold_images=FOLD_IMAGES,
                       score_fn=model.similarity)
     return {f"test_{name}": value for name, value in result.items()}
+
+
+def best_so_far(history: list[dict[str, float]]) -> dict[str, float]:
+    """The ``best_*`` keys the newest epoch carries: the state of checkpoint selection. It lives in
+    ``history`` (saved in every checkpoint), so a resumed run keeps the best epoch of its first part
+    (a checkpoint from before these keys existed starts the selection afresh)."""
+    last = history[-1] if history else {}
+    return {key: value for key, value in last.items() if key.startswith(BEST_PREFIX)}
+
+
+def best_metrics(epoch: int, metrics: dict[str, float], test: dict[str, float]) -> dict[str, float]:
+    """``best_epoch``, the epoch's validation retrieval metrics as ``best_<m>`` and its test metrics
+    as ``best_test_<m>`` (``best_test_1k_<m>`` on COCO's 5-fold protocol)."""
+    return {BEST_EPOCH: float(epoch), **{BEST_PREFIX + key: metrics[key] for key in VAL_RETRIEVAL},
+            **{BEST_PREFIX + key: value for key, value in test.items()}}
+
+
+def checkpoint_metrics(metrics: dict[str, float], history: list[dict[str, float]], last: bool,
+                       run_test: Callable[[], dict[str, float]]) -> dict[str, float]:
+    """Checkpoint selection after this epoch's validation (rank 0): when its validation rSum is
+    strictly above every earlier epoch's (the first epoch always is), the test split is evaluated now
+    and becomes the ``best_*`` keys; otherwise the earlier best epoch's keys are carried on. The
+    last epoch also gets its own ``test_*`` (reusing the evaluation when it is the best one)."""
+    best, test = best_so_far(history), None
+    if metrics.get(SELECT_METRIC, -math.inf) > best.get(BEST_PREFIX + SELECT_METRIC, -math.inf):
+        test = run_test()
+        best = best_metrics(int(metrics["epoch"]), metrics, test)
+    if last:
+        return best | (test if test is not None else run_test())
+    return best
 
 
 def train_one_epoch(net, model: ITMModel, loader, optimizer, job: JobConfig, epoch: int, device) -> dict[str, float]:

@@ -23,6 +23,7 @@ from ray.train.torch import TorchTrainer
 from trainables.config import JobConfig
 from trainables.errors import ITMError
 from trainables.loop import fit
+from trainables.progress import Progress
 
 
 @dataclass(frozen=True)
@@ -64,16 +65,22 @@ def private_copy(checkpoint: ray.train.Checkpoint | None) -> Iterator[str | None
 
 
 class RayTrainReporter:
-    """``Reporter`` inside a Ray Train worker."""
+    """``Reporter`` inside a Ray Train worker; with ``progress`` (a run's name) rank 0 prints one line
+    per epoch (``study train``; inside a Tune trial the driver prints them instead)."""
 
-    def __init__(self):
+    def __init__(self, progress: Progress | None = None):
         context = ray.train.get_context()
         self.rank = context.get_world_rank()
         self.world_size = context.get_world_size()
+        self.progress = progress if self.rank == 0 else None
+        if self.progress is not None:
+            self.progress.started("run", {})
 
     def report(self, metrics: dict[str, float], checkpoint_dir: str | None) -> None:
         checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         ray.train.report({**metrics, "node_id": node_id()}, checkpoint=checkpoint)
+        if self.progress is not None:
+            self.progress.reported("run", metrics)
 
     def latest_checkpoint(self) -> contextlib.AbstractContextManager[str | None]:
         return private_copy(ray.train.get_checkpoint())
@@ -96,20 +103,23 @@ class TuneReporter:
 def train_loop_per_worker(config: dict) -> list[dict[str, float]]:
     """Runs in every worker; rank 0's return value (the metric history) becomes ``Result.return_value``."""
     quiet_ray_logs()
-    return fit(JobConfig(**config["job"]), RayTrainReporter())
+    job = JobConfig(**config["job"])
+    name = config.get("progress")
+    progress = Progress(lambda _config, _number: name, 1, job.train.epochs) if name else None
+    return fit(job, RayTrainReporter(progress))
 
 
 def build_trainer(job: JobConfig, resources: WorkerResources, name: str, storage_path: str,
-                  max_failures: int = 0, callbacks: list | None = None) -> TorchTrainer:
+                  max_failures: int = 0, callbacks: list | None = None, progress: bool = False) -> TorchTrainer:
     """A ``TorchTrainer`` for ``job``; re-running with the same ``name`` and ``storage_path``
-    resumes from the run's latest checkpoint."""
+    resumes from the run's latest checkpoint. ``progress``: rank 0 prints a line per epoch."""
     use_gpu = resources.gpus_per_worker > 0
     per_worker = {"CPU": resources.cpus_per_worker}
     if use_gpu:
         per_worker["GPU"] = resources.gpus_per_worker
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"job": job.model_dump(mode="json")},
+        train_loop_config={"job": job.model_dump(mode="json"), "progress": name if progress else None},
         scaling_config=ray.train.ScalingConfig(num_workers=resources.num_workers, use_gpu=use_gpu,
                                                resources_per_worker=per_worker),
         run_config=ray.train.RunConfig(
@@ -125,7 +135,7 @@ def train_job(job: JobConfig, resources: WorkerResources, name: str, storage_pat
     """Run ``job`` on Ray Train; returns ``fit``'s per-epoch history. A failure in a worker (Ray Train
     V2 raises it from ``fit()`` itself, or returns it on the result) becomes one ``ITMError`` line."""
     try:
-        result = build_trainer(job, resources, name=name, storage_path=storage_path).fit()
+        result = build_trainer(job, resources, name=name, storage_path=storage_path, progress=True).fit()
         error = result.error
     except ray.exceptions.RayError as err:  # e.g. WorkerGroupError, ActorDiedError
         error = err

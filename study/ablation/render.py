@@ -10,7 +10,7 @@ import math
 
 import pandas as pd
 
-from study.ablation.stats import METRICS, Block, reference_of
+from study.ablation.stats import BEST_VAL, CONFIDENCE, METRICS, Block, reference_of
 
 HEADERS = ("i2t R@1", "i2t R@5", "i2t R@10", "t2i R@1", "t2i R@5", "t2i R@10", "rSum")
 LATEX_SPECIALS = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
@@ -35,6 +35,28 @@ def signed(value: float, minus: str = "−") -> str:
     return f"+{value:.1f}" if value >= 0 else f"{minus}{abs(value):.1f}"
 
 
+def delta_cell(row: pd.Series, minus: str = "−") -> str:
+    """``−12.3 [−15.0, −9.6]``: Δ rSum and its 95 % CI; Δ alone where the CI is undefined."""
+    text = signed(row["delta_rsum"], minus)
+    low, high = row.get("delta_ci_low", math.nan), row.get("delta_ci_high", math.nan)
+    if math.isfinite(low) and math.isfinite(high):
+        text += f" [{signed(low, minus)}, {signed(high, minus)}]"
+    return text
+
+
+def epoch_cell(value: float) -> str:
+    return f"{value:.1f}" if math.isfinite(value) else "–"
+
+
+def shows_epoch(block: Block) -> bool:
+    """Under best_val each run picks its own epoch, so the table shows the row's mean."""
+    return block.select == BEST_VAL
+
+
+def delta_header(reference: str) -> str:
+    return f"Δ rSum vs {reference} [{CONFIDENCE:.0%} CI]"
+
+
 def markdown_table(frame: pd.DataFrame) -> str:
     """A GitHub-flavoured Markdown table of ``frame``'s string cells (index not included)."""
     cells = [[str(v).replace("|", r"\|") for v in row] for row in frame.astype(str).to_numpy()]
@@ -45,16 +67,22 @@ def markdown_table(frame: pd.DataFrame) -> str:
     return "\n".join([line(header), rule, *(line(r) for r in cells)])
 
 
-def display_frame(summary: pd.DataFrame, mark: str = "†", pm: str = " ± ", minus: str = "−") -> pd.DataFrame:
-    """Summary -> string cells: Variant, six R@K, rSum (with the mark), Δ rSum (– on the reference)."""
+def display_frame(summary: pd.DataFrame, mark: str = "†", pm: str = " ± ", minus: str = "−",
+                  epoch: bool = False) -> pd.DataFrame:
+    """Summary -> string cells: Variant, six R@K, rSum (with the mark where the Holm-adjusted p
+    < 0.05), Δ rSum with its 95 % CI (– on the reference) and, with ``epoch``, the mean selected epoch."""
     reference = reference_of(list(summary.index))
     rows = []
     for name, row in summary.iterrows():
         cells = [mean_std(row[f"{m}_mean"], row[f"{m}_std"], pm) for m in METRICS]
         if row["significant"]:
             cells[-1] += mark
-        rows.append([name, *cells, "–" if name == reference else signed(row["delta_rsum"], minus)])
-    return pd.DataFrame(rows, columns=["Variant", *HEADERS, f"Δ rSum vs {reference}"])
+        cells.append("–" if name == reference else delta_cell(row, minus))
+        if epoch:
+            cells.append(epoch_cell(row["epoch_mean"]))
+        rows.append([name, *cells])
+    columns = ["Variant", *HEADERS, delta_header(reference), *(["Epoch"] if epoch else [])]
+    return pd.DataFrame(rows, columns=columns)
 
 
 def to_markdown(summaries: dict[Block, pd.DataFrame], caption: str) -> str:
@@ -62,7 +90,7 @@ def to_markdown(summaries: dict[Block, pd.DataFrame], caption: str) -> str:
     for block, summary in summaries.items():
         if len(summaries) > 1:
             parts.append(f"**{block.title}**\n")
-        parts.append(markdown_table(display_frame(summary)) + "\n")
+        parts.append(markdown_table(display_frame(summary, epoch=shows_epoch(block))) + "\n")
     parts.append(caption + "\n")
     return "\n".join(parts)
 
@@ -74,7 +102,7 @@ def best_rows(summary: pd.DataFrame) -> dict[str, set]:
     return best
 
 
-def latex_rows(summary: pd.DataFrame) -> list[str]:
+def latex_rows(summary: pd.DataFrame, epoch: bool = False) -> list[str]:
     best, reference = best_rows(summary), reference_of(list(summary.index))
     bold = lambda text, on: rf"\textbf{{{text}}}" if on else text  # noqa: E731
     lines = []
@@ -83,8 +111,13 @@ def latex_rows(summary: pd.DataFrame) -> list[str]:
         for m in METRICS:
             cell = bold(mean_std(row[f"{m}_mean"], row[f"{m}_std"], pm=r"$\pm$"), name in best[m])
             cells.append(cell + (r"$^\dagger$" if m == "rsum" and row["significant"] else ""))
-        delta = "--" if name == reference else signed(row["delta_rsum"], minus="$-$")
-        cells.append(bold(delta, name in best["delta_rsum"]))
+        if name == reference:
+            cells.append("--")
+        else:  # the CI in small type under the bold-able Δ
+            delta, _, ci = delta_cell(row, minus="$-$").partition(" ")
+            cells.append(bold(delta, name in best["delta_rsum"]) + (rf" {{\scriptsize {ci}}}" if ci else ""))
+        if epoch:
+            cells.append(epoch_cell(row["epoch_mean"]))
         lines.append(" & ".join(cells).replace("–", "--") + r" \\")
     return lines
 
@@ -92,16 +125,20 @@ def latex_rows(summary: pd.DataFrame) -> list[str]:
 def to_latex(summaries: dict[Block, pd.DataFrame], caption: str, label: str = "tab:ablation") -> str:
     """One ``table`` with booktabs rules; COCO's 1K and 5K blocks stacked under their own headings."""
     reference = latex_escape(reference_of(list(next(iter(summaries.values())).index)))
+    epoch = shows_epoch(next(iter(summaries)))
+    width = 9 + epoch
     lines = [r"\begin{table}[t]", r"\centering", r"\small", r"\setlength{\tabcolsep}{4pt}",
-             r"\begin{tabular}{l" + "c" * 8 + "}", r"\toprule",
-             r" & \multicolumn{3}{c}{Image$\rightarrow$Text} & \multicolumn{3}{c}{Text$\rightarrow$Image} & & \\",
+             r"\begin{tabular}{l" + "c" * (width - 1) + "}", r"\toprule",
+             r" & \multicolumn{3}{c}{Image$\rightarrow$Text} & \multicolumn{3}{c}{Text$\rightarrow$Image} & & "
+             + "& " * epoch + r"\\",
              r"\cmidrule(lr){2-4} \cmidrule(lr){5-7}",
-             r"Variant & R@1 & R@5 & R@10 & R@1 & R@5 & R@10 & rSum & $\Delta$ rSum vs " + reference + r" \\"]
+             r"Variant & R@1 & R@5 & R@10 & R@1 & R@5 & R@10 & rSum & $\Delta$ rSum vs " + reference
+             + rf" [{CONFIDENCE:.0%} CI]".replace("%", r"\%") + (" & Epoch" if epoch else "") + r" \\"]
     for block, summary in summaries.items():
         lines.append(r"\midrule")
         if len(summaries) > 1:
-            lines.append(r"\multicolumn{9}{l}{\textit{" + latex_escape(block.title) + r"}} \\")
-        lines.extend(latex_rows(summary))
+            lines.append(rf"\multicolumn{{{width}}}{{l}}{{\textit{{" + latex_escape(block.title) + r"}} \\")
+        lines.extend(latex_rows(summary, epoch))
     escaped = latex_escape(caption).replace("±", r"$\pm$").replace("†", r"$^\dagger$").replace("Δ", r"$\Delta$")
     lines += [r"\bottomrule", r"\end{tabular}", r"\caption{" + escaped + "}", r"\label{" + label + "}",
               r"\end{table}"]

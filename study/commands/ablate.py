@@ -1,8 +1,11 @@
-"""``study ablate STUDY.yaml``: the method's ablation rows × seeds at fixed hyperparameters, as a table."""
+"""``study ablate STUDY.yaml``: the method's ablation rows × seeds at fixed hyperparameters, as a table.
+
+The rows' values: the study file's, ``--from-study`` (one earlier search's best trial for every row)
+or ``--tune-rows N`` (every row, base included, gets its own N-trial search first)."""
 
 from __future__ import annotations
 
-from study.ablation.plan import seeds_override
+from study.ablation.plan import check_sources, describe_source, seeds_override
 from study.commands import add_address, add_overrides
 from study.config import load_study
 from trainables.errors import ConfigError
@@ -14,6 +17,9 @@ def add_parser(sub) -> None:
     parser.add_argument("--from-study", default=None, metavar="DIR_OR_NAME",
                         help="fix the hyperparameters at the best trial of this earlier study "
                              "(a study directory, or a study name under storage.path)")
+    parser.add_argument("--tune-rows", type=int, default=None, metavar="N",
+                        help="give every row (base included) its own N-trial search (TPE + ASHA, the study's "
+                             "search space less what the row switches off) and run each at its best values")
     parser.add_argument("--seeds", default=None, metavar="0,1,2", help="seeds per row (overrides ablation.seeds)")
     add_overrides(parser)
     parser.add_argument("--resume", action="store_true",
@@ -23,8 +29,11 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    if args.resume and args.from_study:
-        raise ConfigError("--resume continues with the values the ablation started with; drop --from-study")
+    check_sources(args.from_study, args.tune_rows)
+    if args.resume and (args.from_study is not None or args.tune_rows is not None):
+        flag = "--from-study" if args.from_study is not None else "--tune-rows"
+        raise ConfigError("--resume continues with the values (or row searches) the ablation started "
+                          f"with; drop {flag}")
     study = load_study(args.study, [*args.overrides, *seeds_override(args.seeds)])
     from study.ablation.run import (  # imports Ray and MLflow: keep --help and study-file errors fast
         resume_ablation,
@@ -34,9 +43,13 @@ def run(args) -> int:
     if args.resume:
         outcome = resume_ablation(study, address=args.address)
     else:
-        outcome = run_ablation(study, from_study=args.from_study, address=args.address)
-    print("\n" + outcome.markdown)
-    print("table   : " + ", ".join(str(path) for path in outcome.files))
+        outcome = run_ablation(study, from_study=args.from_study, address=args.address,
+                               tune_rows=args.tune_rows)
+    for line in describe_source(outcome.source):
+        print("row search: " + line)
+    if outcome.markdown:
+        print("\n" + outcome.markdown)
+        print("table   : " + ", ".join(str(path) for path in outcome.files))
     print(f"trials  : {outcome.ablation_dir / 'results.csv'}")
     print(f"MLflow  : mlflow ui --backend-store-uri {study.tracking.uri}  (run '{study.name}-ablation')")
     if outcome.interrupted:

@@ -2,23 +2,43 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 from study.commands import add_address, add_overrides
 from study.config import load_study
+from study.layout import PARENT_FILE
 
 
 def add_parser(sub) -> None:
     parser = sub.add_parser("run", help="run the study's hyperparameter search")
     parser.add_argument("study", help="study YAML file")
     add_overrides(parser)
+    parser.add_argument("--restart", action="store_true",
+                        help="start over: move an existing study of this name aside (to NAME.old-<time>) "
+                             "once every check has passed, e.g. after fixing its search space")
     add_address(parser)
     parser.set_defaults(run=run)
 
 
 def run(args) -> int:
     study = load_study(args.study, args.overrides)
-    from study.search import run_study  # loads pandas and, once every check has passed, Ray
+    from study.search import run_study  # torch, pandas and Ray load inside, each once its checks have passed
 
-    return report(run_study(study, address=args.address), study)
+    try:
+        outcome = run_study(study, address=args.address, restart=args.restart)
+    except KeyboardInterrupt:  # a second Ctrl+C/SIGTERM, or one outside the Tune run (study/ray_session.py)
+        return interrupted(Path(study.storage.path) / study.name)
+    return report(outcome, study)
+
+
+def interrupted(study_dir: Path) -> int:
+    """Exit 130 with the command that continues the study, if it got far enough to have one."""
+    if (study_dir / PARENT_FILE).exists():
+        print(f"interrupted: continue with `python -m study resume {study_dir}`", file=sys.stderr)
+    else:
+        print("interrupted before the study started: nothing to resume", file=sys.stderr)
+    return 130
 
 
 def write_report(study_dir) -> str:

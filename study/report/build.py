@@ -3,23 +3,27 @@
 A search study (``storage.path/NAME``) gets ``DIR/report/``: the top-k trials table (Markdown),
 parameter importances, optimisation history, parallel coordinates and the metric against each
 searched parameter (PNG), and ``index.html`` with everything embedded. An ablation directory
-(``NAME-ablation``) gets its table rebuilt in all three formats. Both are logged to the MLflow
-parent run recorded in the directory. Works on finished, interrupted and resumed directories.
+(``NAME-ablation``) gets its table rebuilt in all three formats, and ``DIR/report/`` gets a forest
+plot of Δ rSum per row (``forest.png``) and ``index.html``. Both are logged to the MLflow parent run
+recorded in the directory. Works on finished, interrupted and resumed directories.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
 from study import tracking
-from study.ablation.output import ABLATION_FILE, read_meta, write_tables
-from study.ablation.render import markdown_table
+from study.ablation.output import ABLATION_FILE, TABLE_STEM, read_meta, source_caption, write_tables
+from study.ablation.render import HEADERS, markdown_table, mean_std, signed
+from study.ablation.stats import reference_of
+from study.ablation.tracking import publish_table
 from study.layout import OPTUNA_JOURNAL, REPORT_DIR, RESULTS_FILE, load_stored_study, load_study_dir, read_parent
 from study.report.html import html_page
-from study.report.plots import grid_figures, optuna_figures
+from study.report.plots import BLOCK_TITLES, as_flag, forest_plot, grid_figures, optuna_figures
 from study.report.trial_dirs import read_trial_dirs
 from study.results import BUDGET_PREFIX, RETRIEVAL
 from trainables.errors import ConfigError
@@ -143,16 +147,99 @@ def log_to_parent(study, parent: str, path: Path, artifact_path: str | None) -> 
         client.log_artifact(parent, str(path), artifact_path=artifact_path)
 
 
+FOREST_FILE = "forest.png"
+CHECKPOINT_RULES = {"best_val": "the epoch with the best validation rSum", "final": "the final epoch"}
+
+
 def ablation_report(ablation_dir: Path) -> Report:
-    """The ablation table again in all three formats from the stored per-trial results."""
+    """The ablation table again in all three formats from the stored per-trial results, then
+    ``report/forest.png`` (Δ rSum with its CI per row) and ``report/index.html``."""
     study = load_stored_study(ablation_dir)
     meta = read_meta(ablation_dir)
     trials, notes = load_trials(ablation_dir, meta["epochs"])
     markdown, files = write_tables(trials, meta, ablation_dir)
+    table = pd.read_csv(ablation_dir / f"{TABLE_STEM}.csv", dtype={"variant": str, "block": str})
+    reference = reference_of(list(meta["rows"]))
+    out = ablation_dir / REPORT_DIR
+    out.mkdir(exist_ok=True)
+    forest = forest_plot(table, reference, out / FOREST_FILE, f"Ablation of {meta['method']} on {meta['dataset']}")
+    notes += forest.notes
+    tables = {BLOCK_TITLES.get(block, block): ablation_display(rows)
+              for block, rows in table.groupby("block", sort=False)}
+    caption = table_caption(files[0].read_text())
+    captions = {list(tables)[-1]: caption} if caption and tables else {}
     budget = budget_table(trials, "variant")
     if budget is not None:
         markdown += f"\n\n## {BUDGET_HEADING}\n\n{markdown_table(budget)}\n"
+        tables[BUDGET_HEADING] = budget
+    figures = {} if forest.path is None else {f"Δ rSum vs {reference} per row (forest plot)": forest.path}
+    (out / "index.html").write_text(html_page(f"Ablation report: {meta['name']}", ablation_summary(meta, trials),
+                                              tables, figures, notes, captions))
     parent = read_parent(ablation_dir)
     for path in files:
         log_to_parent(study, parent, path, None)
-    return Report(ablation_dir, markdown, files, notes)
+    log_to_parent(study, parent, out, REPORT_DIR)
+    # The MLflow UI as the viewer: the table in the parent's description, per-row metrics, the plot.
+    publish_table(study.tracking.uri, study.tracking.experiment, parent, files[0].read_text(), files[2],
+                  [] if forest.path is None else [forest.path])
+    return Report(out, markdown, [*files, *figures.values(), out / "index.html"], notes)
+
+
+def ablation_summary(meta: dict, trials: pd.DataFrame) -> list[str]:
+    """What was compared, over which seeds, at which checkpoint, with which hyperparameters."""
+    select = meta.get("select")
+    checkpoint = CHECKPOINT_RULES.get(select, str(select)) if select else \
+        "the final epoch (ablation.json names no checkpoint rule)"
+    counts = ", ".join(f"{n} {status}" for status, n in trials["status"].value_counts().items())
+    return [f"Method {meta['method']} on {meta['dataset']}; rows {', '.join(meta['rows'])} "
+            f"(reference: {reference_of(list(meta['rows']))}); seeds {', '.join(map(str, meta['seeds']))}; "
+            f"{meta['epochs']} epoch(s) per trial; {len(trials)} trials ({counts}).",
+            f"Metrics at {checkpoint}. Hyperparameters: {hyperparameter_source(meta.get('source'))}."]
+
+
+def hyperparameter_source(source) -> str:
+    return source_caption(source).removeprefix(" Hyperparameters: ").removesuffix(".") or "the study file's values"
+
+
+def table_caption(markdown: str) -> str | None:
+    """The caption of ``ablation.md``: its last paragraph that is neither a table nor a block heading."""
+    paragraphs = [p.strip() for p in markdown.split("\n\n") if p.strip()]
+    text = [p for p in paragraphs if not p.startswith(("|", "**"))]
+    return text[-1] if text else None
+
+
+def ablation_display(rows: pd.DataFrame) -> pd.DataFrame:
+    """One block of ``ablation.csv`` as cells: mean ± std, Δ rSum with its CI, p and Holm-adjusted p."""
+    reference = reference_of(list(rows["variant"]))
+    significant = as_flag(rows["significant"]) if "significant" in rows else pd.Series(False, index=rows.index)
+    cells = {"Variant": rows["variant"]}
+    for metric, header in zip(RETRIEVAL, HEADERS):
+        cells[header] = [mean_std(m, s) for m, s in zip(rows[f"{metric}_mean"], rows[f"{metric}_std"])]
+    cells["rSum"] = [c + ("†" if flag else "") for c, flag in zip(cells["rSum"], significant)]
+    has_ci = {"delta_ci_low", "delta_ci_high"} <= set(rows.columns)
+    low = rows["delta_ci_low"] if has_ci else pd.Series(float("nan"), index=rows.index)
+    high = rows["delta_ci_high"] if has_ci else pd.Series(float("nan"), index=rows.index)
+    cells[f"Δ rSum vs {reference}" + (" [95 % CI]" if has_ci else "")] = [
+        "–" if name == reference else delta_with_ci(d, lo, hi)
+        for name, d, lo, hi in zip(rows["variant"], rows["delta_rsum"], low, high)]
+    for column, header in (("p_value", "p"), ("p_holm", "p (Holm-adjusted)")):
+        if column in rows:
+            cells[header] = [fmt_p(v) for v in rows[column]]
+    if "n" in rows:
+        cells["seeds"] = rows["n"].map(fmt)
+    if "epoch_mean" in rows:  # the checkpoint's epoch, averaged over seeds
+        cells["epoch (mean)"] = rows["epoch_mean"].map(lambda v: "–" if v != v else f"{v:.1f}")
+    return pd.DataFrame(cells)
+
+
+def delta_with_ci(delta: float, low: float, high: float) -> str:
+    if not (math.isfinite(low) and math.isfinite(high)):
+        return signed(delta)
+    return f"{signed(delta)} [{signed(low)}, {signed(high)}]"
+
+
+def fmt_p(value) -> str:
+    value = float(value)
+    if not math.isfinite(value):
+        return "–"
+    return "< 0.001" if value < 0.001 else f"{value:.3f}"

@@ -115,3 +115,115 @@ def grid_figures(trials: pd.DataFrame, metric: str, params: list[str], out_dir: 
     axes[0][0].set_ylabel(metric)
     figures.files[f"{metric} vs each searched parameter"] = save(fig, out_dir / "params.png")
     return figures
+
+
+# --------------------------------------------------------------------------------------------------
+# Ablation: the forest plot of Δ rSum against the reference row
+# --------------------------------------------------------------------------------------------------
+
+BLOCK_TITLES = {"test": "Test split", "1k": "1K test (5-fold average)", "5k": "5K test", "val": "Validation split"}
+CI_COLUMNS = ("delta_ci_low", "delta_ci_high")
+INK = "#1f4e79"
+
+
+@dataclass
+class Forest:
+    """What ``forest_plot`` drew: one row per (block, non-reference row) in table order, with
+    ``delta``, ``low``/``high`` (NaN where no whisker) and ``significant``; ``path`` is None when there
+    was nothing to draw (the notes say why)."""
+
+    path: Path | None
+    points: pd.DataFrame
+    notes: list[str] = field(default_factory=list)
+
+
+def as_flag(values: pd.Series) -> pd.Series:
+    """CSV booleans read back as bool, or as strings / objects when a cell is empty: empty = not marked."""
+    return values.astype(str).str.strip().str.lower().isin(("true", "1", "1.0"))
+
+
+def forest_points(frame: pd.DataFrame, reference: str) -> tuple[pd.DataFrame, list[str]]:
+    """The tidy ablation table -> the points to draw, plus notes on what could not be drawn fully."""
+    rows = frame[frame["variant"].astype(str) != reference]
+    has_ci = all(c in frame for c in CI_COLUMNS)
+    points = pd.DataFrame({
+        "block": rows["block"].astype(str), "variant": rows["variant"].astype(str),
+        "delta": pd.to_numeric(rows["delta_rsum"], errors="coerce"),
+        "low": pd.to_numeric(rows["delta_ci_low"], errors="coerce") if has_ci else np.nan,
+        "high": pd.to_numeric(rows["delta_ci_high"], errors="coerce") if has_ci else np.nan,
+        "significant": as_flag(rows["significant"]) if "significant" in rows else False}).reset_index(drop=True)
+    notes = []
+    if not has_ci:
+        notes.append("ablation.csv has no 95 % CI of Δ rSum (it predates the paired test): "
+                     "the forest plot shows each Δ without a whisker.")
+    else:
+        bare = points[points["delta"].notna() & (points["low"].isna() | points["high"].isna())]
+        if not bare.empty:
+            notes.append("No 95 % CI (fewer than two paired seeds, or identical per-seed differences) for "
+                         + ", ".join(f"{v} ({b})" for b, v in zip(bare["block"], bare["variant"]))
+                         + ": drawn without a whisker.")
+    missing = points[points["delta"].isna()]
+    if not missing.empty:
+        notes.append("No completed trial, so no Δ, for " + ", ".join(dict.fromkeys(missing["variant"])) + ".")
+    return points, notes
+
+
+def forest_panel(ax, points: pd.DataFrame, names: list[str], reference: str) -> None:
+    """One block: rows top to bottom in table order; filled = significant, open = not; each Δ
+    printed above its point so the figure reads without the table."""
+    y = {name: len(names) - 1 - i for i, name in enumerate(names)}
+    drawn = points[points["delta"].notna()]
+    whisker = drawn[drawn["low"].notna() & drawn["high"].notna()]
+    rows = [y[v] for v in whisker["variant"]]
+    ax.hlines(rows, whisker["low"], whisker["high"], color=INK, lw=1.6, zorder=2)
+    ax.plot([*whisker["low"], *whisker["high"]], rows * 2, ls="", marker="|", ms=7, mew=1.6, color=INK, zorder=2)
+    for filled, group in drawn.groupby("significant"):
+        ax.scatter(group["delta"], [y[v] for v in group["variant"]], s=46, zorder=3, edgecolors=INK,
+                   facecolors=INK if filled else "white", linewidths=1.4)
+    for delta, name in zip(drawn["delta"], drawn["variant"]):
+        ax.annotate(f"{delta:+.1f}".replace("-", "−"), (delta, y[name]), xytext=(0, 6), textcoords="offset points",
+                    ha="center", va="bottom", fontsize=7.5, color=INK)
+    ends = pd.concat([drawn["delta"], whisker["low"], whisker["high"], pd.Series([0.0])])
+    span = max(float(ends.max() - ends.min()), 1.0)
+    ax.set_xlim(float(ends.min()) - 0.12 * span, float(ends.max()) + 0.12 * span)
+    for name in points.loc[points["delta"].isna(), "variant"]:
+        ax.text(0.5, y[name], "no completed trial", transform=ax.get_yaxis_transform(), va="center", ha="center",
+                color="#888", fontsize=8, style="italic")
+    ax.axvline(0, color="#888", lw=1, ls="--", zorder=1)
+    ax.text(0, 1.01, reference, transform=ax.get_xaxis_transform(), ha="center", va="bottom", fontsize=8,
+            color="#666")
+    ax.set_ylim(-0.6, len(names) - 0.3)
+    ax.set_yticks(list(y.values()), list(y))
+    ax.grid(axis="x", color="#eee", zorder=0)
+
+
+def forest_figure(frame: pd.DataFrame, reference: str, title: str):
+    """``(figure, points, notes)``; figure is None when no block has a row besides the reference."""
+    points, notes = forest_points(frame, reference)
+    if points.empty:
+        return None, points, notes + [f"Only the reference row ({reference}) is in the table: no forest plot."]
+    blocks = list(dict.fromkeys(points["block"]))
+    names = list(dict.fromkeys(points["variant"]))
+    drew_ci = bool((points["low"].notna() & points["high"].notna()).any())
+    fig, axes = plt.subplots(1, len(blocks), squeeze=False, sharey=True,
+                             figsize=(2.2 + 4.2 * len(blocks), 1.9 + 0.42 * max(len(names), 2)))
+    label = f"Δ rSum vs {reference} " + ("(95 % CI, paired t over seeds)" if drew_ci else "(no CI available)")
+    for ax, block in zip(axes[0], blocks):
+        forest_panel(ax, points[points["block"] == block], names, reference)
+        ax.set_title(BLOCK_TITLES.get(block, block), fontsize=10, pad=14)
+        ax.set_xlabel(label, fontsize=9)
+    mark = "Holm-adjusted p < 0.05" if "p_holm" in frame else "p < 0.05"
+    handles = [plt.Line2D([], [], color="#888", ls="--", label=f"{reference} (reference, Δ = 0)"),
+               plt.Line2D([], [], marker="o", ls="", color=INK, label=mark),
+               plt.Line2D([], [], marker="o", ls="", color=INK, markerfacecolor="white", label="not significant")]
+    fig.legend(handles=handles, loc="lower center", ncol=3, frameon=False, fontsize=8.5, bbox_to_anchor=(0.5, 0))
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout(rect=(0, 0.3 / fig.get_figheight(), 1, 1))  # the bottom 0.3 in holds the legend
+    return fig, points, notes
+
+
+def forest_plot(frame: pd.DataFrame, reference: str, out_path: Path, title: str) -> Forest:
+    """Δ rSum of each non-reference row with its 95 % CI, one panel per block of the tidy
+    ``ablation.csv`` frame. A row without a CI (older tables, a single seed) keeps its point."""
+    fig, points, notes = forest_figure(frame, reference, title)
+    return Forest(save(fig, Path(out_path)) if fig is not None else None, points, notes)

@@ -1,12 +1,20 @@
-"""The method registry: ``name -> MethodSpec``. A new method is one module plus one line here."""
+"""The method registry: ``name -> MethodSpec``. A new method is one module plus one line here.
+
+Importing it loads no torch: names, sections, searchable keys and ablation rows are plain data, and
+each spec's ``build`` imports its model on use, so a bad study file fails in a fraction of a second.
+"""
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 from trainables.config import JobConfig
 from trainables.errors import ConfigError
 from trainables.methods import base, cdds, dias
 from trainables.methods.spec import Ablation, MethodSpec
-from trainables.model import ITMModel
+
+if TYPE_CHECKING:
+    from trainables.model import ITMModel
 
 __all__ = ["METHODS", "Ablation", "MethodSpec", "build_model", "get_method"]
 

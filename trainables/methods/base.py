@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from trainables.config import JobConfig
 from trainables.methods.spec import Ablation, MethodSpec
-from trainables.model import ITMModel
+
+if TYPE_CHECKING:
+    from trainables.model import ITMModel
 
 
 def build(job: JobConfig, image_dim: int) -> ITMModel:
+    from trainables.model import ITMModel  # torch loads on use: the registry imports without it
+
     return ITMModel(image_dim, job.model, job.train)
 
 

@@ -9,16 +9,52 @@ Files: ``config.py`` (the ``dias:`` section), ``model.py`` (the model), ``losses
 
 from __future__ import annotations
 
+import importlib
+from typing import TYPE_CHECKING
+
 from trainables.config import JobConfig
 from trainables.methods.dias.config import DiasConfig
-from trainables.methods.dias.model import DiasModel
 from trainables.methods.spec import Ablation, MethodSpec
+
+if TYPE_CHECKING:
+    from trainables.methods.dias.model import DiasModel
 
 __all__ = ["SPEC", "DiasConfig", "DiasModel", "build"]
 
 
+# The torch modules, loaded on first use, so the registry imports without torch.
+LAZY = {"DiasModel": "model"}
+
+
+def __getattr__(name: str):
+    if name in LAZY:
+        return getattr(importlib.import_module(f"{__name__}.{LAZY[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def build(job: JobConfig, image_dim: int) -> DiasModel:
+    from trainables.methods.dias.model import DiasModel
+
     return DiasModel(image_dim, job.model, job.train, DiasConfig(**job.method_params))
+
+
+SPARSITY_KEYS = frozenset({"sparsity_k", "sparsity_mode", "sparsity_learnable", "sparsity_lr_scale",
+                           "mask_temperature"})
+
+
+def inert(params: DiasConfig) -> frozenset[str]:
+    """Searchable keys nothing reads under these switches (``model.py``): L_dim's knobs (its
+    attention included) without L_dim, a weight without its term, the mask's knobs without a mask
+    (dense constraints) and the mask rule itself without any spatial term."""
+    off = set()
+    if not params.use_dim:
+        off |= {"lambda_dim", "dim_loss", "lambda_offdiag", "dim_temperature", "attn_temperature"}
+    off |= {f"lambda_{term}" for term in ("inter", "intra") if not getattr(params, f"use_{term}")}
+    if not (params.use_inter or params.use_intra):
+        off |= SPARSITY_KEYS | {"sparse_on"}
+    elif not params.use_sparse:
+        off |= SPARSITY_KEYS
+    return frozenset(off)
 
 
 SPEC = MethodSpec(
@@ -37,4 +73,5 @@ SPEC = MethodSpec(
         Ablation("w/o spatial", "dias", {"use_inter": False, "use_intra": False}),
         Ablation("base", "base"),
     ),
+    inert=inert,
 )
