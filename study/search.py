@@ -146,7 +146,7 @@ def failed_runs_marked(study, parent: str, study_dir: Path) -> Iterator[None]:
 
 def finish(study, params, study_dir: Path, parent: str, records) -> StudyOutcome:
     """Write results.csv, mark the best trial on the MLflow parent run, close it."""
-    from study import tracking
+    from study import tracking, tracking_buffer
     from study.ray_session import stop_requested
     from study.results import INCOMPLETE, best_trial, study_table
 
@@ -155,17 +155,27 @@ def finish(study, params, study_dir: Path, parent: str, records) -> StudyOutcome
     table = study_table(records, params, study.search.metric, study.train.epochs)
     csv = study_dir / RESULTS_FILE
     table.to_csv(csv, index=False)
-    client, _ = tracking.client_for(study.tracking.uri, study.tracking.experiment)
-    client.log_artifact(parent, str(csv))
     metric = study.search.metric
     best = best_trial(table, metric, study.search.mode)
-    if best is not None:
-        tracking.mark_best(client, parent, best["trial_id"])
-        client.log_metric(parent, f"best_{metric}", float(best[metric]))
-        for name in params:
-            if name in best and best[name] == best[name]:
-                client.set_tag(parent, f"best.{name}", str(best[name]))
     interrupted = len(table) < expected_trials(study, params) or (table["status"] == INCOMPLETE).any()
-    if not interrupted:  # an interrupted study's parent run stays open until `resume` finishes it
-        client.set_terminated(parent, "FINISHED")
+    # An interrupted study's parent run stays open until `resume` finishes it.
+    status = None if interrupted else "FINISHED"
+    try:
+        with tracking_buffer.short_retries():
+            client, _ = tracking.client_for(study.tracking.uri, study.tracking.experiment)
+            client.log_artifact(parent, str(csv))
+            if best is not None:
+                tracking.mark_best(client, parent, best["trial_id"])
+                client.log_metric(parent, f"best_{metric}", float(best[metric]))
+                for name in params:
+                    if name in best and best[name] == best[name]:
+                        client.set_tag(parent, f"best.{name}", str(best[name]))
+            if status is not None:
+                client.set_terminated(parent, status)
+    except Exception as err:  # MLflow went away by the end: the results are on disk, the close is kept
+        if not tracking_buffer.outage(err):
+            raise
+        line = tracking.close_parent(study.tracking.uri, study.tracking.experiment, study_dir, parent, status, [csv])
+        if line:
+            print(line)
     return StudyOutcome(study_dir, best, csv, len(table), interrupted)

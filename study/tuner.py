@@ -35,9 +35,10 @@ LIVE_STATES = ("PENDING", "RUNNING", "PAUSED")  # Tune's trial states of a trial
 
 def quiet_tune_console() -> None:
     """Tune's console as the study commands want it; call before building a Tuner."""
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the classic reporter: a compact live table
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the classic console, silent at verbose=0: our lines only
     # Every epoch checkpoints by design (resume from the last epoch); Tune's advice against it is noise here.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # "A new study created in Journal ..." per search
 
 
 class TrackingCallback(ray.tune.Callback):

@@ -332,3 +332,23 @@ def test_a_study_that_ends_while_the_server_is_down_is_sent_by_sync(server, tmp_
     client = MlflowClient(server.uri)
     assert curves(client, parent) == {"t0": [(1, 110.0), (2, 120.0)]}
     assert client.get_run(children(client, parent)[0].info.run_id).info.status == "FINISHED"
+
+
+def test_a_study_whose_mlflow_is_gone_at_the_end_still_finishes_and_keeps_the_close(tmp_path, capsys):
+    # The trials are done and results.csv is written; an unreachable server must not fail the command
+    # (it used to retry for minutes and end in a traceback): the parent's close waits in the buffer.
+    from study import search
+    from study.config import load_study
+    from study.results import TrialRecord
+    from study.spaces import resolve_space
+
+    from tests.conftest import SMOKE
+
+    study = load_study(str(SMOKE), ["tracking.uri=http://127.0.0.1:9", f"storage.path={tmp_path}",
+                                              "search.num_samples=1"])
+    done = TrialRecord("abc", {}, {"training_iteration": study.train.epochs, "rsum": 10.0}, "", False)
+    outcome = search.finish(study, resolve_space(study), tmp_path, "parent123", [done])
+    assert not outcome.interrupted and (tmp_path / "results.csv").is_file()
+    kept = (tmp_path / "mlflow_buffer.jsonl").read_text().splitlines()
+    assert len(kept) == 2  # the results.csv artifact and the FINISHED status of the parent
+    assert "python -m study sync" in capsys.readouterr().out

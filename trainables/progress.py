@@ -32,7 +32,11 @@ class Progress:
         self.since: dict[str, float] = {}  # trial id -> when its previous epoch (or its start) was seen
 
     def _print(self, text: str) -> None:
-        print(text, file=self.out or sys.stdout, flush=True)
+        # Not print(): inside a Ray Train worker print is patched to go to the stream and to the
+        # root logger, and the line showed twice.
+        out = self.out or sys.stdout
+        out.write(text + "\n")
+        out.flush()
 
     def _prefix(self, trial_id: str) -> str:
         width = len(str(self.total))

@@ -14,6 +14,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
+from study import tracking, tracking_buffer
 from study.ablation.output import ABLATION_FILE, read_meta, write_meta
 from study.ablation.plan import AblationPlan, plan_ablation
 from study.ablation.row_search import search_rows
@@ -149,10 +150,19 @@ def finish(plan: AblationPlan, ablation_dir: Path, parent: str, records) -> Abla
     csv = ablation_dir / RESULTS_FILE
     trials.to_csv(csv, index=False)
     interrupted = not is_finished(trials, len(plan.rows) * len(plan.seeds))
-    # The tables, the forest plot and the HTML page, logged to the parent run with the table as its
-    # description: exactly what `study report DIR` rebuilds later.
-    report = ablation_report(ablation_dir)
     study = plan.study
     meta = ablation_dir / ABLATION_FILE  # again: --tune-rows filled in each row's values since prepare()
-    log_outputs(study.tracking.uri, study.tracking.experiment, parent, [csv, meta], close=not interrupted)
+    try:
+        with tracking_buffer.short_retries():
+            # The tables, the forest plot and the HTML page, logged to the parent run with the table
+            # as its description: exactly what `study report DIR` rebuilds later.
+            report = ablation_report(ablation_dir)
+            log_outputs(study.tracking.uri, study.tracking.experiment, parent, [csv, meta], close=not interrupted)
+    except Exception as err:  # MLflow went away by the end: the files are on disk, the close is kept
+        if not tracking_buffer.outage(err):
+            raise
+        report = ablation_report(ablation_dir, log=False)
+        line = tracking.close_parent(study.tracking.uri, study.tracking.experiment, ablation_dir, parent,
+                                     None if interrupted else "FINISHED", [csv, meta, *report.files])
+        print(line or f"MLflow was unreachable at the end: `python -m study report {ablation_dir}` logs the table")
     return AblationOutcome(ablation_dir, trials, report.markdown, report.files, interrupted, plan.source)

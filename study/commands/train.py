@@ -41,6 +41,8 @@ def metric_rows(metrics: dict[str, float]) -> list[tuple[str, str]]:
     """(label, key prefix) of each split the run reported: the final epoch's validation and test
     (COCO: 1K folds too), then both again at the epoch with the best validation rSum."""
     best = int(metrics["best_epoch"]) if "best_epoch" in metrics else None
+    if best is not None and best == int(metrics.get("epoch", 0)):
+        best = None  # the final epoch is the best one: its rows would be printed twice
     rows = [("val", "")]
     for label, prefix in (("test 1k", "test_1k_"), ("test", "test_")):
         if any(prefix + key in metrics for key in RETRIEVAL):
@@ -63,5 +65,8 @@ def print_metrics(metrics: dict[str, float], title: str) -> None:
         print(f"{label:<{width}}{cells}")
     if "best_epoch" in metrics:
         best, last = int(metrics["best_epoch"]), int(metrics.get("epoch", 0))
-        print(f"best validation rSum at epoch {best} of {last}: rows @ep{best} are that epoch's, "
-              "the others the final epoch's")
+        if best == last:
+            print(f"best validation rSum at the final epoch ({last})")
+        else:
+            print(f"best validation rSum at epoch {best} of {last}: rows @ep{best} are that epoch's, "
+                  "the others the final epoch's")

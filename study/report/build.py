@@ -151,7 +151,7 @@ FOREST_FILE = "forest.png"
 CHECKPOINT_RULES = {"best_val": "the epoch with the best validation rSum", "final": "the final epoch"}
 
 
-def ablation_report(ablation_dir: Path) -> Report:
+def ablation_report(ablation_dir: Path, log: bool = True) -> Report:
     """The ablation table again in all three formats from the stored per-trial results, then
     ``report/forest.png`` (Δ rSum with its CI per row) and ``report/index.html``."""
     study = load_stored_study(ablation_dir)
@@ -175,13 +175,14 @@ def ablation_report(ablation_dir: Path) -> Report:
     figures = {} if forest.path is None else {f"Δ rSum vs {reference} per row (forest plot)": forest.path}
     (out / "index.html").write_text(html_page(f"Ablation report: {meta['name']}", ablation_summary(meta, trials),
                                               tables, figures, notes, captions))
-    parent = read_parent(ablation_dir)
-    for path in files:
-        log_to_parent(study, parent, path, None)
-    log_to_parent(study, parent, out, REPORT_DIR)
-    # The MLflow UI as the viewer: the table in the parent's description, per-row metrics, the plot.
-    publish_table(study.tracking.uri, study.tracking.experiment, parent, files[0].read_text(), files[2],
-                  [] if forest.path is None else [forest.path])
+    if log:
+        parent = read_parent(ablation_dir)
+        for path in files:
+            log_to_parent(study, parent, path, None)
+        log_to_parent(study, parent, out, REPORT_DIR)
+        # The MLflow UI as the viewer: the table in the parent's description, per-row metrics, the plot.
+        publish_table(study.tracking.uri, study.tracking.experiment, parent, files[0].read_text(), files[2],
+                      [] if forest.path is None else [forest.path])
     return Report(out, markdown, [*files, *figures.values(), out / "index.html"], notes)
 
 
