@@ -500,3 +500,30 @@ def test_tiny_ablation_writes_three_formats_and_one_parent_four_children(smoke_s
     assert (outcome.ablation_dir / "ablation.md").read_text() == markdown
     assert rebuilt.markdown.startswith(markdown) and "## Term budget" in rebuilt.markdown
     assert "| full    |" in rebuilt.markdown.split("## Term budget")[1]  # the full row's shares, by row
+
+
+@pytest.mark.slow
+def test_a_deliberately_harmful_row_comes_out_marked_with_a_negative_delta(smoke_study, ray_session, monkeypatch):
+    # Calibration end to end: a test-only row that is `full` with the learning rate divided by 100
+    # must be flagged (Holm-adjusted paired t, p < 0.05) with a negative Δ rSum and a CI below 0.
+    import dataclasses
+
+    from study.ablation import run as ablation_run
+    from trainables.methods import Ablation
+
+    def with_harmful_row(*args, **kwargs):
+        plan = plan_ablation(*args, **kwargs)
+        harmful = json.loads(json.dumps(plan.jobs["full"]))
+        harmful["train"]["lr"] /= 100
+        return dataclasses.replace(plan, rows=(*plan.rows, Ablation("lr/100", plan.study.method)),
+                                   jobs={**plan.jobs, "lr/100": harmful})
+
+    monkeypatch.setattr(ablation_run, "plan_ablation", with_harmful_row)
+    study = smoke_study("method=dias", "data.max_images=150", "train.epochs=2", "ablation.variants=[full]",
+                        "ablation.seeds=[0, 1, 2, 3]")
+    outcome = ablation_run.run_ablation(study)
+    table = pd.read_csv(outcome.ablation_dir / "ablation.csv").set_index("variant")
+    harmful = table.loc["lr/100"]
+    assert harmful.n_pairs == 4 and harmful.delta_rsum < 0 and harmful.delta_ci_high < 0
+    assert harmful.p_holm < 0.05 and bool(harmful.significant)
+    assert "lr/100" in outcome.markdown and "†" in outcome.markdown.split("lr/100")[1].split("\n")[0]
