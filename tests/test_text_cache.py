@@ -17,6 +17,7 @@ from trainables.config import DataConfig, JobConfig, ModelConfig, TrainConfig
 from trainables.data import PrecompSplit, build_eval_loaders, build_train_loader, set_epoch
 from trainables.data.text_cache import TextFeatures, cache_key, cached_text_features, frozen_text
 from trainables.encoders import TextEncoder
+from trainables.errors import DataError
 from trainables.loop import fit
 from trainables.reporters import LocalReporter
 from trainables.text_models import load_text_model, load_tokenizer
@@ -122,6 +123,11 @@ def test_cached_features_are_the_encoder_outputs_and_batches_keep_the_contract(d
         assert not padding.any()  # zero-padded on the right
         padded += padding.numel()
     assert padded > 0
+    with_workers = cfg.model_copy(update={"num_workers": 2})
+    workers = build_train_loader(with_workers, split, tokenizer, 8, seed=3, text=text)
+    set_epoch(workers, 1)
+    for a, b in zip(cached, workers):  # forked workers read the same memory-mapped entry
+        assert all(torch.equal(a[key], b[key]) for key in ("input_ids", "attention_mask", "image_ids"))
     captions = build_eval_loaders(cfg, split, tokenizer, 32, text=text).captions
     assert torch.equal(torch.cat([batch["image_ids"] for batch in captions]), torch.arange(100) // 5)
     assert pickle.loads(pickle.dumps(text)).caption(5).tolist() == text.caption(5).tolist()
@@ -169,6 +175,11 @@ def test_a_second_request_reuses_the_entry_and_an_unwritable_root_falls_back(dat
                                  torch.device("cpu"))
     assert moved.path.parent == tmp_path / "user-cache" / "itm-study" / "text"
     assert moved.path.name == first.path.name and np.array_equal(moved.hidden, first.hidden)
+    (tmp_path / "blocked").write_text("a file where the user cache should go")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "blocked"))
+    with pytest.raises(DataError, match="no writable text-cache directory.*model.cache_text: false"):
+        cached_text_features(PrecompSplit(other, "test", 5), backbone, load_tokenizer("tiny"), 40,
+                             torch.device("cpu"))
 
 
 def test_frozen_text_only_with_a_frozen_encoder_and_the_cache_on(data_root):

@@ -42,6 +42,7 @@ from torch import nn
 
 from trainables.config import JobConfig
 from trainables.data.precomp import PrecompSplit, split_files
+from trainables.errors import DataError
 
 CACHE_VERSION = 1  # bump when the layout or what is stored changes
 HASH_CHUNK_BYTES = 2**20
@@ -232,8 +233,8 @@ def writable_dir(candidates: list[Path]) -> Path:
             continue
         if os.access(base, os.W_OK | os.X_OK):
             return base
-    raise OSError(f"no writable text-cache directory among {', '.join(map(str, candidates))}; set "
-                  "XDG_CACHE_HOME to a writable directory or set model.cache_text: false")
+    raise DataError(f"no writable text-cache directory among {', '.join(map(str, candidates))}; set "
+                    "XDG_CACHE_HOME to a writable directory or set model.cache_text: false")
 
 
 @contextlib.contextmanager
