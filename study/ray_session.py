@@ -8,6 +8,7 @@ resumable (docs/cluster.md "When things go wrong").
 from __future__ import annotations
 
 import math
+import logging
 import os
 import re
 import signal
@@ -55,6 +56,9 @@ def join(address: str | None) -> None:
     # Keep worker logs out of the driver's terminal except errors: the CLI prints its own progress.
     kwargs = dict(log_to_driver=True, configure_logging=True, logging_level="WARNING")
     if not address:
+        # A local instance turns token auth on by default and warns about it at every start; the
+        # warning asks nothing of the user (auth stays on), so it is left out of the console.
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
         ray.init(**kwargs)
         return
     if address.startswith(("http://", "https://")):
