@@ -41,13 +41,16 @@ def study_for(method: str, data_root: Path, args, out: Path):
 
 
 def first_batch(job):
-    from trainables.data import PrecompSplit, build_train_loader
+    """The first training batch as the model sees it in ``fit`` (``device_batch``: region dropout)."""
+    import torch
+
+    from trainables.data import PrecompSplit, build_train_loader, device_batch
     from trainables.text_models import load_tokenizer
 
     split = PrecompSplit(job.data.root, job.data.train_split, job.data.max_images)
     loader = build_train_loader(job.data, split, load_tokenizer(job.model.text_encoder), job.train.batch_size,
                                 seed=job.train.seed)
-    return split.feature_dim, next(iter(loader))
+    return split.feature_dim, device_batch(next(iter(loader)), torch.device("cpu"), job.data.region_dropout)
 
 
 def budget_at_init(job, feature_dim: int, batch) -> tuple[dict, dict]:

@@ -15,6 +15,7 @@ from pydantic import Field, PositiveInt, ValidationError, create_model, field_va
 
 from trainables.config import DataConfig, JobConfig, ModelConfig, Section, TrainConfig
 from trainables.errors import ConfigError
+from trainables.text_models import RANDOM_BERTS
 from trainables.methods import METHODS, get_method
 
 
@@ -28,13 +29,41 @@ REPORTED_METRICS = ("rsum", "i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "
 REPORTED_PREFIXES = ("loss_", "budget/")
 
 
+Objective = dict[str, Literal["max", "min"]]  # one entry of a multi-objective metric: {name: mode}
+WarmStartItem = Literal["defaults"] | dict[str, Any]  # the method's shipped defaults, or a partial config
+
+
+def check_metric_name(metric: Any) -> str:
+    if isinstance(metric, str) and (metric in REPORTED_METRICS or metric.startswith(REPORTED_PREFIXES)
+                                    and metric not in REPORTED_PREFIXES):
+        return metric
+    raise ValueError(f"{metric!r} is not a metric the training loop reports; e.g. rsum, i2t_r1, t2i_r1, "
+                     "loss, loss_<term>, gap_centroid_dist, alignment, epoch_time_s")
+
+
+class PbtConfig(Section):
+    """``search.pbt``: Population Based Training (``search.algorithm: pbt``; docs/search.md). The
+    mutated values and their resample ranges are the search space's; these say when and how much."""
+
+    perturbation_interval: PositiveInt = 1  # epochs between two exploit/explore steps of a trial
+    burn_in: int = Field(0, ge=0)  # epochs before a trial's first exploit/explore step
+    quantile_fraction: float = Field(0.25, gt=0, le=0.5)  # the bottom share clones the top share
+    resample_probability: float = Field(0.25, ge=0, le=1)  # else a value is multiplied by 1.2 or 0.8
+    # Ray's default (False) exploits as each trial reports; True waits for the whole population at every
+    # interval, so the bottom share always clones (what a small population needs to mutate at all).
+    synch: bool = False
+
+
 class SearchConfig(Section):
     space: str | None = None  # YAML search-space file; None = the method's shipped default; "none" = only `params`
     params: dict[str, Any] = Field(default_factory=dict)  # inline additions / overrides of the space
-    algorithm: Literal["optuna-tpe", "random", "grid"] = "optuna-tpe"
-    num_samples: PositiveInt = 16
-    metric: str = "rsum"
+    algorithm: Literal["optuna-tpe", "random", "grid", "pbt"] = "optuna-tpe"
+    num_samples: PositiveInt = 16  # trials; with pbt, the population
+    # One metric (with `mode`), or several objectives, each with its own mode:
+    # [rsum: max, gap_centroid_dist: min] (a Pareto study; `mode` is then not used).
+    metric: str | list[Objective] = "rsum"
     mode: Literal["max", "min"] = "max"
+    # With several objectives the default is fifo (docs/search.md): ASHA can rank on one metric only.
     scheduler: Literal["asha", "fifo"] = "asha"
     grace_period: PositiveInt = 1
     reduction_factor: float = Field(2.0, gt=1)
@@ -43,20 +72,82 @@ class SearchConfig(Section):
     # Optuna's default (10), which is most of a 16-trial budget.
     startup_trials: PositiveInt | None = None
     max_failures: int = Field(1, ge=0)  # retries of a failed trial before it is recorded as failed
+    # Trials enqueued before the sampler's own: `defaults` (the method's shipped values of every searched
+    # key) and/or partial configs {section.key: value}; the sampler fills in the rest.
+    warm_start: list[WarmStartItem] | None = None
+    pbt: PbtConfig = PbtConfig()
 
-    @field_validator("metric")
+    @field_validator("metric", mode="before")
     @classmethod
-    def _reported_metric(cls, metric: str) -> str:
-        if metric in REPORTED_METRICS or metric.startswith(REPORTED_PREFIXES) and metric not in REPORTED_PREFIXES:
-            return metric
-        raise ValueError(f"{metric!r} is not a metric the training loop reports; e.g. rsum, i2t_r1, t2i_r1, "
-                         "loss, loss_<term>, gap_centroid_dist, alignment")
+    def _reported_metric(cls, metric: Any) -> Any:
+        if not isinstance(metric, list):
+            return check_metric_name(metric)
+        if len(metric) < 2:
+            raise ValueError("a list of objectives needs at least two, e.g. [rsum: max, gap_centroid_dist: min]; "
+                             "for one metric write metric: rsum and mode: max")
+        names = []
+        for item in metric:
+            if not (isinstance(item, dict) and len(item) == 1 and next(iter(item.values())) in ("max", "min")):
+                raise ValueError(f"objective {item!r} is not one 'name: max' or 'name: min' pair")
+            names.append(check_metric_name(next(iter(item))))
+        if len(set(names)) < len(names):
+            raise ValueError(f"objectives repeat a metric: {', '.join(names)}")
+        return metric
+
+    @field_validator("warm_start", mode="before")
+    @classmethod
+    def _warm_start_list(cls, value: Any) -> Any:
+        """``warm_start: defaults`` is short for ``[defaults]``."""
+        items = [value] if isinstance(value, (str, dict)) else value
+        for item in items or []:
+            if item != "defaults" and not isinstance(item, dict):
+                raise ValueError(f"{item!r} is neither 'defaults' nor a partial config {{section.key: value}}")
+        return items
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fifo_for_several_objectives(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("metric"), list) and "scheduler" not in data:
+            return {**data, "scheduler": "fifo"}
+        return data
 
     @model_validator(mode="after")
-    def _startup_trials_need_tpe(self):
+    def _algorithm_options(self):
         if self.startup_trials is not None and self.algorithm != "optuna-tpe":
             raise ValueError(f"startup_trials applies to algorithm optuna-tpe only, not {self.algorithm}")
+        if self.algorithm == "pbt" and self.multi_objective:
+            raise ValueError("PBT ranks a population by one metric: give search.metric one metric, or use "
+                             "algorithm optuna-tpe for several objectives")
+        if self.algorithm == "grid" and self.multi_objective:
+            raise ValueError("several objectives need a sampler (optuna-tpe or random); a grid has none to steer")
+        if self.warm_start and self.algorithm in ("grid", "pbt"):
+            why = "a grid already runs every point" if self.algorithm == "grid" else \
+                "PBT mutates its trials' values while they train, so a warm-start trial would not stay one"
+            raise ValueError(f"warm_start applies to optuna-tpe and random ({why})")
+        if self.algorithm != "pbt" and self.pbt != PbtConfig():
+            raise ValueError(f"search.pbt applies to algorithm pbt, not {self.algorithm}")
         return self
+
+    @property
+    def objectives(self) -> list[tuple[str, str]]:
+        """``[(metric, mode), ...]``: one pair for a single metric."""
+        if isinstance(self.metric, str):
+            return [(self.metric, self.mode)]
+        return [next(iter(item.items())) for item in self.metric]
+
+    @property
+    def multi_objective(self) -> bool:
+        return not isinstance(self.metric, str)
+
+    @property
+    def primary(self) -> str:
+        """The metric a single number is read from: the metric, or the first objective (what ASHA
+        ranks on, what the report's history plot draws, the default ``--pick``)."""
+        return self.objectives[0][0]
+
+    @property
+    def primary_mode(self) -> str:
+        return self.objectives[0][1]
 
 
 class ResourcesConfig(Section):
@@ -69,6 +160,21 @@ class ResourcesConfig(Section):
     @property
     def gpus(self) -> float:
         return self.gpus_per_worker or (1.0 if self.use_gpu else 0.0)
+
+    @field_validator("gpus_per_worker")
+    @classmethod
+    def _possible_gpu_layout(cls, gpus: float, info) -> float:
+        """Layouts Ray would place but training cannot use, refused before Ray starts: a share
+        above one GPU that is not whole GPUs (Ray books 1.5, a process uses one GPU), and several
+        DDP workers on fractions, which Ray puts on one GPU, where NCCL refuses to start."""
+        if gpus > 1 and not float(gpus).is_integer():
+            raise ValueError(f"{gpus:g} GPUs is neither a share of one GPU nor whole GPUs; "
+                             "use a fraction up to 1 or a whole number")
+        workers = info.data.get("workers_per_trial", 1)
+        if 0 < gpus < 1 and workers > 1:
+            raise ValueError(f"{workers} DDP workers on {gpus:g} GPU each would share one GPU, which NCCL "
+                             "refuses; use gpus_per_worker: 1, or workers_per_trial: 1")
+        return gpus
 
 
 class TrackingConfig(Section):
@@ -138,6 +244,8 @@ def format_validation_error(err: ValidationError, source: str) -> str:
         return f"{source}: missing required key '{where}'"
     if not where:  # a check across keys (a model validator): its message names them
         return f"{source}: {message}"
+    if isinstance(first.get("input"), dict):  # a check across a section's keys: its whole input is noise
+        return f"{source}: {where}: {message}"
     return f"{source}: {where}: {message} (got {first.get('input')!r})"
 
 
@@ -306,7 +414,7 @@ def absolutise(study):
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         uri = "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).resolve())
     model = study.model
-    if model.text_encoder not in ("minilm", "tiny"):  # a local checkpoint directory: workers have another cwd
+    if model.text_encoder != "minilm" and model.text_encoder not in RANDOM_BERTS:  # a local directory: workers have another cwd
         model = model.model_copy(update={"text_encoder": str(Path(model.text_encoder).expanduser().resolve())})
     return study.model_copy(update={
         "data": data,

@@ -9,7 +9,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import pandas as pd
+
+from study.spaces import WARM_START_KEY
+from trainables.errors import ConfigError
 
 # The one vocabulary for a trial's status, in results.csv, reports and MLflow's ``status`` tag.
 COMPLETED, EARLY_STOPPED, FAILED, INCOMPLETE = "completed", "early-stopped", "failed", "incomplete"
@@ -23,6 +27,10 @@ STUDY_METRICS = (*RETRIEVAL, "loss", "gap_centroid_dist", "alignment", "training
 ABLATION_PREFIXES = ("", "test_", "test_1k_", "best_", "best_test_", "best_test_1k_")
 BEST_EPOCH = "best_epoch"  # the epoch the ``best_*`` metrics come from
 BUDGET_PREFIX = "budget/"  # a loss term's share of the encoders' gradient norm (trainables/budget.py)
+PARETO = "pareto"  # results.csv column of a multi-objective study: the trial is in the Pareto set
+# A PBT study's per-epoch values of what it mutates, one JSON line per trial and epoch, written by the
+# driver (Tune's result.json of a restarted trial can lose its earlier lines, see study/tuner.py).
+SCHEDULES_FILE = "schedules.jsonl"
 
 
 @dataclass(frozen=True)
@@ -58,13 +66,18 @@ def status_of(record: TrialRecord, epochs: int) -> str:
     return trial_status(bool(record.error), record.epochs, epochs, record.live)
 
 
-def study_table(records: list[TrialRecord], params: dict, metric: str, epochs: int) -> pd.DataFrame:
-    """A search study's ``results.csv``: id, status, searched values, last metrics, error line."""
+def study_table(records: list[TrialRecord], params: dict, metric: str | list[str], epochs: int) -> pd.DataFrame:
+    """A search study's ``results.csv``: id, status, warm-start label (when the study had any),
+    searched values, last metrics (``metric``: one name or each objective's), error line."""
+    metrics = [metric] if isinstance(metric, str) else list(metric)
+    warm = any(WARM_START_KEY in record.config for record in records)
     rows = []
     for record in records:
         row = {"trial_id": record.trial_id, "status": status_of(record, epochs)}
+        if warm:
+            row[WARM_START_KEY] = record.config.get(WARM_START_KEY, "")
         row.update({name: record.config.get(name) for name in params})
-        row.update({key: record.metrics[key] for key in (*STUDY_METRICS, metric) if key in record.metrics})
+        row.update({key: record.metrics[key] for key in (*STUDY_METRICS, *metrics) if key in record.metrics})
         row.update({key: value for key, value in record.metrics.items() if key.startswith(BUDGET_PREFIX)})
         row["epochs"] = record.epochs
         row["node_id"] = record.metrics.get("node_id", "")
@@ -103,12 +116,78 @@ def is_finished(table: pd.DataFrame, expected: int) -> bool:
     return len(table) >= expected and not (table["status"] == INCOMPLETE).any()
 
 
-def best_trial(table: pd.DataFrame, metric: str, mode: str) -> dict | None:
-    """The best trial by ``metric``: among completed trials, or (when none completed) among those that
-    reported it at all, since an early-stopped trial was judged on fewer epochs. None if none did."""
-    reported = table.dropna(subset=[metric]) if metric in table else table.iloc[0:0]
+def judged(table: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
+    """The trials a best trial or a Pareto set is chosen from: the completed ones that reported every
+    metric, or (when none completed) all that reported them, since an early-stopped trial was judged
+    on fewer epochs."""
+    reported = table.dropna(subset=metrics) if set(metrics) <= set(table.columns) else table.iloc[0:0]
     completed = reported[reported["status"] == COMPLETED]
-    pool = completed if len(completed) else reported
+    return completed if len(completed) else reported
+
+
+def best_trial(table: pd.DataFrame, metric: str, mode: str) -> dict | None:
+    """The best trial by ``metric`` among the ``judged`` trials; None if none reported it."""
+    pool = judged(table, [metric])
     if not len(pool):
         return None
     return pool.sort_values(metric, ascending=mode == "min", kind="stable").iloc[0].to_dict()
+
+
+# --------------------------------------------------------------------------------------------------
+# Several objectives: the Pareto set instead of one best trial
+# --------------------------------------------------------------------------------------------------
+
+
+def non_dominated(values: np.ndarray, maximize: list[bool]) -> np.ndarray:
+    """``values`` [n, k] (one row per trial, one column per objective) -> bool [n]: no other row is at
+    least as good in every objective and better in one. Equal rows are all kept."""
+    signed = np.where(maximize, 1.0, -1.0) * np.asarray(values, dtype=float)  # larger is better everywhere
+    at_least = (signed[None, :, :] >= signed[:, None, :]).all(axis=2)  # [i, j]: j is as good as i everywhere
+    better = (signed[None, :, :] > signed[:, None, :]).any(axis=2)  # [i, j]: j beats i somewhere
+    return ~(at_least & better).any(axis=1)
+
+
+def pareto_column(table: pd.DataFrame, objectives: list[tuple[str, str]]) -> pd.Series:
+    """True for the trials in the Pareto set of ``objectives`` [(metric, mode)] among the ``judged``
+    trials; False for every other row (not judged, or dominated)."""
+    names = [name for name, _ in objectives]
+    pool = judged(table, names)
+    mask = pd.Series(False, index=table.index)
+    if len(pool):
+        mask[pool.index] = non_dominated(pool[names].to_numpy(), [mode == "max" for _, mode in objectives])
+    return mask
+
+
+def pareto_trials(table: pd.DataFrame, objectives: list[tuple[str, str]]) -> pd.DataFrame:
+    """The Pareto set, best first by the first objective. Read from results.csv's ``pareto`` column
+    when it has one (what the study marked), else computed."""
+    if PARETO in table:
+        marked = table[table[PARETO].astype(str).str.lower().isin(("true", "1", "1.0"))]
+    else:
+        marked = table[pareto_column(table, objectives)]
+    first, mode = objectives[0]
+    return marked.sort_values(first, ascending=mode == "min", kind="stable")
+
+
+def pick_trial(table: pd.DataFrame, objectives: list[tuple[str, str]], rule: str | None) -> tuple[dict, str]:
+    """The trial ``rule`` names, and the rule in words. Rules: ``best:METRIC`` (best by that objective:
+    within the Pareto set when the study has several objectives), ``trial:ID`` (that trial). None =
+    ``best:`` the first objective. A bad rule or an empty pool is a one-line ConfigError."""
+    modes = dict(objectives)
+    several = len(objectives) > 1
+    kind, _, value = (rule or f"best:{objectives[0][0]}").partition(":")
+    pool = pareto_trials(table, objectives) if several else judged(table, [objectives[0][0]])
+    where = "the Pareto set" if several else "the finished trials"
+    if kind == "trial" and value:
+        chosen = table[table["trial_id"].astype(str) == value]
+        if chosen.empty:
+            raise ConfigError(f"--pick {rule}: no trial {value!r} in the study; its trials: "
+                              f"{', '.join(map(str, table['trial_id']))}")
+        return chosen.iloc[0].to_dict(), f"trial {value}" + ("" if value in set(pool["trial_id"].astype(str))
+                                                              else f" (not in {where})")
+    if kind != "best" or value not in modes:
+        raise ConfigError(f"--pick {rule!r}: expected best:METRIC (METRIC one of {', '.join(modes)}) or trial:ID")
+    if pool.empty:
+        raise ConfigError(f"--pick {rule or 'best'}: no trial finished with {', '.join(modes)}; nothing to take")
+    best = pool.sort_values(value, ascending=modes[value] == "min", kind="stable").iloc[0].to_dict()
+    return best, f"best {value} in {where} ({len(pool)} trial(s))"

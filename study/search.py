@@ -31,17 +31,18 @@ from study.layout import (
     study_dir_of,
     write_parent,
 )
-from study.spaces import Param, grid, resolve_space
+from study.spaces import Param, grid, resolve_space, warm_start_points
 from trainables.errors import ConfigError
 
 
 @dataclass
 class StudyOutcome:
     study_dir: Path
-    best: dict | None
+    best: dict | None  # None for several objectives: the study has a Pareto set instead
     results_csv: Path
     n_trials: int
     interrupted: bool = False
+    pareto: list[dict] | None = None  # several objectives: the Pareto set, best first by the first objective
 
 
 def connect(address: str | None, resources) -> None:
@@ -89,14 +90,17 @@ def trial_runs(study, parent: str):
 
     fixed = tracking.flatten(study.model_dump(mode="json", include={"method", "data", "model", "train"}))
     fixed.update(tracking.flatten({study.method: study.method_params()}))
+    # PBT changes its trials' values while they train: each epoch logs them as metrics ``hp/<name>``.
+    schedule = tuple(resolve_space(study)) if study.search.algorithm == "pbt" else ()
     return tracking.TrialRuns(study.tracking.uri, study.tracking.experiment, parent, study.name,
-                              study.method, fixed, study.train.epochs)
+                              study.method, fixed, study.train.epochs, schedule=schedule)
 
 
 def run_study(study, address: str | None = None, restart: bool = False) -> StudyOutcome:
     """Validate everything, then search. Errors before this point leave nothing half-written.
     ``restart``: an existing study of this name is moved aside (``NAME.old-<time>``) first."""
     params = resolve_space(study)
+    points = warm_start_points(study, params)
     from study.preflight import check_study
 
     check_study(study)
@@ -109,7 +113,7 @@ def run_study(study, address: str | None = None, restart: bool = False) -> Study
         print(f"restart: moved the earlier study folder {study_dir} aside to {moved.name}")
     study_dir, parent = prepare(study, params)
     with failed_runs_marked(study, parent, study_dir):
-        tuner = build_tuner(study, params, str(study_dir / OPTUNA_JOURNAL), trial_runs(study, parent))
+        tuner = build_tuner(study, params, str(study_dir / OPTUNA_JOURNAL), trial_runs(study, parent), points)
         return finish(study, params, study_dir, parent, trial_records(tuner.fit()))
 
 
@@ -126,7 +130,8 @@ def resume_study(study_dir: str | Path, address: str | None = None) -> StudyOutc
         if (study_dir / TUNER_STATE).exists():
             tuner = restore_tuner(str(study_dir), study)
         else:  # interrupted before Tune wrote its state
-            tuner = build_tuner(study, params, str(study_dir / OPTUNA_JOURNAL), trial_runs(study, parent))
+            tuner = build_tuner(study, params, str(study_dir / OPTUNA_JOURNAL), trial_runs(study, parent),
+                                warm_start_points(study, params))
         return finish(study, params, study_dir, parent, trial_records(tuner.fit()))
 
 
@@ -145,18 +150,25 @@ def failed_runs_marked(study, parent: str, study_dir: Path) -> Iterator[None]:
 
 
 def finish(study, params, study_dir: Path, parent: str, records) -> StudyOutcome:
-    """Write results.csv, mark the best trial on the MLflow parent run, close it."""
+    """Write results.csv, mark the best trial (one metric) or the Pareto set (several objectives)
+    on the MLflow runs, close the parent run."""
     from study import tracking, tracking_buffer
     from study.ray_session import stop_requested
-    from study.results import INCOMPLETE, best_trial, study_table
+    from study.results import INCOMPLETE, PARETO, best_trial, pareto_column, study_table
 
     if stop_requested():  # Ctrl+C / SIGTERM: Tune ended the running trials itself; interrupted, not early-stopped
         records = [replace(record, live=None) if record.live is False else record for record in records]
-    table = study_table(records, params, study.search.metric, study.train.epochs)
+    s = study.search
+    names = [name for name, _ in s.objectives]
+    table = study_table(records, params, names, study.train.epochs)
+    best, pareto = None, None
+    if s.multi_objective:
+        table[PARETO] = pareto_column(table, s.objectives)
+        pareto = table[table[PARETO]].sort_values(s.primary, ascending=s.primary_mode == "min").to_dict("records")
+    else:
+        best = best_trial(table, s.metric, s.mode)
     csv = study_dir / RESULTS_FILE
     table.to_csv(csv, index=False)
-    metric = study.search.metric
-    best = best_trial(table, metric, study.search.mode)
     interrupted = len(table) < expected_trials(study, params) or (table["status"] == INCOMPLETE).any()
     # An interrupted study's parent run stays open until `resume` finishes it.
     status = None if interrupted else "FINISHED"
@@ -165,11 +177,9 @@ def finish(study, params, study_dir: Path, parent: str, records) -> StudyOutcome
             client, _ = tracking.client_for(study.tracking.uri, study.tracking.experiment)
             client.log_artifact(parent, str(csv))
             if best is not None:
-                tracking.mark_best(client, parent, best["trial_id"])
-                client.log_metric(parent, f"best_{metric}", float(best[metric]))
-                for name in params:
-                    if name in best and best[name] == best[name]:
-                        client.set_tag(parent, f"best.{name}", str(best[name]))
+                mark_best(client, parent, best, s.metric, params)
+            if pareto:
+                tracking.mark_pareto(client, parent, [str(row["trial_id"]) for row in pareto])
             if status is not None:
                 client.set_terminated(parent, status)
     except Exception as err:  # MLflow went away by the end: the results are on disk, the close is kept
@@ -178,4 +188,15 @@ def finish(study, params, study_dir: Path, parent: str, records) -> StudyOutcome
         line = tracking.close_parent(study.tracking.uri, study.tracking.experiment, study_dir, parent, status, [csv])
         if line:
             print(line)
-    return StudyOutcome(study_dir, best, csv, len(table), interrupted)
+    return StudyOutcome(study_dir, best, csv, len(table), interrupted, pareto)
+
+
+def mark_best(client, parent: str, best: dict, metric: str, params) -> None:
+    """The best trial's tags and value on the parent run (``best_trial_id``, ``best_<metric>``, ``best.<name>``)."""
+    from study import tracking
+
+    tracking.mark_best(client, parent, best["trial_id"])
+    client.log_metric(parent, f"best_{metric}", float(best[metric]))
+    for name in params:
+        if name in best and best[name] == best[name]:
+            client.set_tag(parent, f"best.{name}", str(best[name]))

@@ -68,6 +68,14 @@ class Param(Section):
             return list(range(int(self.low), int(self.high) + 1))
         return None
 
+    def contains(self, value: Any) -> bool:
+        """Whether ``value`` is one this parameter can take (a choice, or inside the range)."""
+        if self.type == "categorical":
+            return value in self.choices
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False
+        return self.low <= value <= self.high and (self.type != "int" or value == int(value))
+
     def checked_values(self) -> list[Any]:
         """The values that stand for the whole parameter when it is validated: the choices or the
         explicit values, else the two ends of the range (every value between is valid if they are)."""
@@ -133,6 +141,9 @@ def resolve_space(study) -> dict[str, Param]:
     if not params:
         raise ConfigError(f"the search space for {study.method!r} is empty: set search.space or search.params")
     check_space(study, params, origins)
+    if study.search.algorithm == "pbt":
+        check_pbt_space(study, params)
+    warm_start_points(study, params)  # fails now, before anything is written, if a point is not in the space
     if study.search.algorithm == "grid":
         grid(params)  # fails now, before anything is written, if a parameter has no grid points
     return params
@@ -193,12 +204,24 @@ def ordered(params: dict[str, Param]) -> list[tuple[str, Param]]:
 
 class DefineByRun:
     """An Optuna define-by-run space: conditional parameters are suggested only when active.
-    A class rather than a closure because Tune pickles the searcher into its experiment state."""
+    A class rather than a closure because Tune pickles the searcher into its experiment state.
 
-    def __init__(self, params: dict[str, Param]):
+    ``points``: the warm-start points (``warm_start_points``), enqueued into a fresh Optuna study, so
+    they are its trials number 0, 1, ... (Optuna asks enqueued trials first, in order). Such a trial
+    is labelled in its config under ``WARM_START_KEY`` (Ray adds what this returns to the config), so
+    results.csv, the report and MLflow can mark it without a map from Optuna to Tune trials; a
+    sampled trial that happens to take a partial point's values is not one."""
+
+    def __init__(self, params: dict[str, Param], points: list[tuple[str, dict]] = ()):
         self.order = ordered(params)
+        self.points = list(points)
 
-    def __call__(self, trial) -> None:
+    def __call__(self, trial) -> dict[str, str] | None:
+        chosen = self.suggest(trial)
+        label = warm_start_label(trial.number, chosen, self.points)
+        return {WARM_START_KEY: label} if label else None
+
+    def suggest(self, trial) -> dict[str, Any]:
         chosen: dict[str, Any] = {}
         for name, param in self.order:
             if not is_active(param, chosen):
@@ -209,6 +232,7 @@ class DefineByRun:
                 chosen[name] = trial.suggest_int(name, int(param.low), int(param.high), log=param.log)
             else:
                 chosen[name] = trial.suggest_float(name, param.low, param.high, log=param.type == "loguniform")
+        return chosen
 
 
 def grid(params: dict[str, Param]) -> dict[str, list[Any]]:
@@ -222,3 +246,116 @@ def grid(params: dict[str, Param]) -> dict[str, list[Any]]:
             raise ConfigError(f"search space: grid search does not support conditions ({name!r})")
         points[name] = values
     return points
+
+
+# --------------------------------------------------------------------------------------------------
+# Warm start: the method's shipped defaults and listed partial configs as the first trials
+# --------------------------------------------------------------------------------------------------
+
+WARM_START_KEY = "warm_start"  # a trial config's label of its warm-start point (no dot: not a study key)
+DEFAULTS = "defaults"
+
+
+def shipped_defaults(study, names) -> dict[str, Any]:
+    """The shipped default (the section's schema default, METHODS.md) of each ``section.key``."""
+    return {name: getattr(type(getattr(study, name.partition(".")[0]))(), name.partition(".")[2])
+            for name in names}
+
+
+def active_values(params: dict[str, Param], values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` less the conditional parameters their own parents' values leave unused."""
+    chosen: dict[str, Any] = {}
+    for name, param in ordered(params):
+        if name in values and is_active(param, chosen):
+            chosen[name] = values[name]
+    return chosen
+
+
+def check_point(params: dict[str, Param], label: str, values: dict[str, Any]) -> None:
+    """Every value of a warm-start point names a parameter of the space and lies inside it."""
+    where = f"search.warm_start ({label})"
+    for name, value in values.items():
+        if name not in params:
+            raise ConfigError(f"{where}: {name!r} is not a parameter of the search space; a warm-start point "
+                              f"sets searched values only: {', '.join(params)}")
+        param = params[name]
+        if not param.contains(value):
+            span = param.choices if param.type == "categorical" else f"{param.type} {param.low:g} … {param.high:g}"
+            hint = " (a string: write numbers like 1.0e-3, with a dot)" if isinstance(value, str) else ""
+            raise ConfigError(f"{where}: {name}={value!r}{hint} lies outside the search space ({span}); widen "
+                              "the range or change the point")
+    unused = set(values) - set(active_values(params, values))
+    if unused:
+        raise ConfigError(f"{where}: {', '.join(sorted(unused))} is not used with this point's other values "
+                          "(its 'when' condition is not met); drop it")
+
+
+def warm_start_points(study, params: dict[str, Param]) -> list[tuple[str, dict[str, Any]]]:
+    """``[(label, {name: value})]`` in the study file's order: ``defaults`` = the shipped default of
+    every searched parameter (conditional ones only where their parents' defaults use them), a
+    listed partial config as given (``listed N``, its place in the list). Checked before Ray starts."""
+    points, labels = [], set()
+    for number, item in enumerate(study.search.warm_start or [], 1):
+        if item == DEFAULTS:
+            label, values = DEFAULTS, active_values(params, shipped_defaults(study, params))
+        else:
+            label, values = f"listed {number}", dict(item)
+        if label in labels:
+            raise ConfigError("search.warm_start lists 'defaults' twice")
+        if not values:
+            raise ConfigError(f"search.warm_start ({label}): an empty point; give some {{section.key: value}}")
+        check_point(params, label, values)
+        points.append((label, values))
+        labels.add(label)
+    return points
+
+
+def warm_start_label(number: int, chosen: dict[str, Any], points: list[tuple[str, dict]]) -> str | None:
+    """The label of Optuna trial ``number`` if it is the enqueued point of that number (it has the
+    point's every value), else None."""
+    if number >= len(points):
+        return None
+    label, values = points[number]
+    return label if all(name in chosen and chosen[name] == value for name, value in values.items()) else None
+
+
+# --------------------------------------------------------------------------------------------------
+# Population Based Training: what it may mutate while a trial trains
+# --------------------------------------------------------------------------------------------------
+
+# The keys a PBT step may change mid-training: each method's loss weights, read from the trial's
+# config at every step and kept in no checkpoint. An exploit restores the donor's model, optimiser and
+# lr schedule, so a new lr, a learnable threshold's start value (a parameter or buffer) or an
+# architecture key would be overwritten by the checkpoint or not fit it.
+LOSS_WEIGHTS = {"dias": ("lambda_dim", "lambda_inter", "lambda_intra"), "cdds": ("alpha_m", "alpha_f", "alpha_x")}
+
+
+def check_pbt_space(study, params: dict[str, Param]) -> None:
+    """A PBT space holds loss weights only (``LOSS_WEIGHTS``), unconditional."""
+    allowed = [f"{study.method}.{key}" for key in LOSS_WEIGHTS.get(study.method, ())]
+    if not allowed:
+        raise ConfigError(f"search.algorithm pbt mutates loss weights, and method {study.method!r} has none; "
+                          "use optuna-tpe")
+    other = [name for name in params if name not in allowed]
+    if other:
+        raise ConfigError(f"search.algorithm pbt: {', '.join(other)} cannot change while a trial trains (an "
+                          "exploit restores the model, optimiser and lr from a checkpoint); set search.space: none "
+                          f"and search.params to some of {', '.join(allowed)}")
+    conditional = [name for name, param in params.items() if param.when]
+    if conditional:
+        raise ConfigError(f"search.algorithm pbt: drop the 'when' condition of {', '.join(conditional)}")
+
+
+class ClipToSpace:
+    """PBT's explore step multiplies a value by 1.2 or 0.8 without looking at its range; this brings
+    every numeric value back inside the space (a class: Tune pickles the scheduler)."""
+
+    def __init__(self, params: dict[str, Param]):
+        self.bounds = {name: (p.low, p.high) for name, p in params.items() if p.type != "categorical"}
+
+    def __call__(self, config: dict) -> dict:
+        for name, (low, high) in self.bounds.items():
+            if name in config:
+                value = min(max(config[name], low), high)
+                config[name] = type(config[name])(value)
+        return config

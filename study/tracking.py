@@ -27,6 +27,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE  # noqa: E402
 from mlflow.utils.validation import MAX_TAG_VAL_LENGTH  # noqa: E402
 
 from study import results  # noqa: E402
+from study.spaces import WARM_START_KEY  # noqa: E402
 from study.tracking_buffer import Outbox, fail_open, one_line, short_retries  # noqa: E402
 
 MAX_PARAM_LEN = 6000
@@ -217,10 +218,13 @@ class TrialRuns:
     """
 
     def __init__(self, uri: str, experiment: str, parent_run_id: str, study_name: str, method: str,
-                 fixed_params: dict[str, str], epochs: int, folder: Path | None = None):
+                 fixed_params: dict[str, str], epochs: int, folder: Path | None = None,
+                 schedule: tuple[str, ...] = ()):
         self.uri, self.experiment = uri, experiment
         self.parent_run_id, self.study_name, self.method = parent_run_id, study_name, method
         self.fixed_params, self.epochs = fixed_params, epochs
+        # Config keys a trial may change while it trains (PBT): logged every epoch as ``hp/<name>``.
+        self.schedule = schedule
         self.runs: dict[str, str] = {}  # trial id -> MLflow run id (a buffer key until it is sent)
         self.numbers: dict[str, int] = {}
         self.last_epoch: dict[str, int] = {}
@@ -252,6 +256,7 @@ class TrialRuns:
         self.runs[trial_id] = run = self.outbox.create_run(self.run_name(config, number), {
             "mlflow.parentRunId": self.parent_run_id, "study": self.study_name, "method": self.method,
             "trial_id": trial_id, "trial_number": str(number), "status": results.INCOMPLETE,
+            **({WARM_START_KEY: str(config[WARM_START_KEY])} if WARM_START_KEY in config else {}),
             **self.trial_tags(config)})
         self.outbox.log(run, params=self.trial_params(config))
 
@@ -273,6 +278,8 @@ class TrialRuns:
         step = int(result.get("training_iteration", 0))
         metrics = {k: v for k, v in result.items() if k not in SKIP_METRICS and k != "config"
                    and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+        config = result.get("config") or {}  # Tune's copy of the trial's config as it was for this epoch
+        metrics.update({f"hp/{name}": float(config[name]) for name in self.schedule if name in config})
         node = str(result.get("node_id", "unknown"))
         tags = {} if self.nodes.get(trial_id) == node else {"node_id": node}  # a retry may move it
         self.nodes[trial_id] = node
@@ -295,6 +302,17 @@ class TrialRuns:
             return
         self.outbox.log(run, tags={"status": results.FAILED, "error": error})
         self.outbox.set_status(run, "FAILED")
+
+
+def mark_pareto(client: MlflowClient, parent: str, trial_ids: list[str]) -> None:
+    """Several objectives: the parent run tagged with the Pareto set (``pareto_trial_ids``, best first
+    by the first objective) and each of those trials' child runs with ``pareto=true``."""
+    client.set_tag(parent, "pareto_trial_ids", ",".join(trial_ids))
+    client.log_metric(parent, "pareto_size", float(len(trial_ids)))
+    experiment_id = client.get_run(parent).info.experiment_id
+    for run in client.search_runs([experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent}'"):
+        if run.data.tags.get("trial_id") in trial_ids:
+            client.set_tag(run.info.run_id, "pareto", "true")
 
 
 def mark_best(client: MlflowClient, parent: str, trial_id: str) -> None:

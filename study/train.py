@@ -16,6 +16,7 @@ class TrainingResult:
     final: dict[str, float]
     run_dir: str
     run_name: str
+    tracking_kept: str | None = None  # MLflow was away: where its events wait, and how to send them
 
 
 def connect(address: str | None, resources) -> None:
@@ -56,18 +57,24 @@ def run_training(study, address: str | None = None, resume: bool = False) -> Tra
     from trainables.ray_train import train_job  # Ray loads only once the checks have passed
 
     history = train_job(study.job(), resources_of(study), name=name, storage_path=study.storage.path)
-    log_run(study, name, history)
-    return TrainingResult(history[-1] if history else {}, str(Path(study.storage.path) / name), name)
+    run_dir = Path(study.storage.path) / name
+    kept = log_run(study, name, history, run_dir if run_dir.is_dir() else None)
+    return TrainingResult(history[-1] if history else {}, str(run_dir), name, kept)
 
 
-def log_run(study, run_name: str, history: list[dict[str, float]]) -> str:
+def log_run(study, run_name: str, history: list[dict[str, float]], folder: Path | None = None) -> str | None:
+    """One MLflow run with the study as params and every epoch's metrics. Written through an
+    ``Outbox`` (``study/tracking_buffer.py``) whose buffer lives in the run's ``folder``: a tracking
+    server that is away after a long training keeps the results for ``python -m study sync`` instead
+    of losing them. Returns the line to print if events are still kept, else None."""
     from study import tracking
+    from study.tracking_buffer import Outbox
 
-    client, experiment_id = tracking.client_for(study.tracking.uri, study.tracking.experiment)
-    run = client.create_run(experiment_id, run_name=run_name,
-                            tags={"study": study.name, "method": study.method, "kind": "train"})
-    tracking.log_params(client, run.info.run_id, tracking.flatten(study.model_dump(mode="json")))
+    outbox = Outbox(study.tracking.uri, study.tracking.experiment, folder)
+    run = outbox.create_run(run_name, tags={"study": study.name, "method": study.method, "kind": "train"})
+    outbox.log(run, params=tracking.flatten(study.model_dump(mode="json")))
     for metrics in history:
-        tracking.log_epoch(client, run.info.run_id, metrics, step=int(metrics.get("epoch", 0)))
-    client.set_terminated(run.info.run_id, "FINISHED")
-    return run.info.run_id
+        outbox.log(run, metrics={k: float(v) for k, v in metrics.items() if k != "epoch"},
+                   step=int(metrics.get("epoch", 0)))
+    outbox.set_status(run, "FINISHED")
+    return outbox.close()

@@ -1,10 +1,11 @@
 """Base alignment losses and pooling: properties that could fail, plus gradchecks in float64."""
 
 import torch
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from trainables.losses import hinge_triplet, infonce, same_image_mask
 from trainables.model import AlignmentLoss
-from trainables.pooling import GPO, MaxPool, MeanPool
+from trainables.pooling import GPO, MaxPool, MeanPool, positional_encoding
 
 
 def hinge_reference(sims, image_ids, margin, hardest):
@@ -116,3 +117,39 @@ def test_gpo_gradcheck():
     tokens = torch.randn(2, 4, 3, dtype=torch.float64, requires_grad=True)
     mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]], dtype=torch.bool)
     assert torch.autograd.gradcheck(lambda t: gpo(t, mask), (tokens,))
+
+
+def packed_gpo_reference(gpo: GPO, tokens, mask):
+    """VSE∞'s GPO as this project first wrote it: lengths on the host, a packed BiGRU per sample."""
+    lengths = mask.sum(1).clamp_min(1)
+    max_len = int(lengths.max())
+    ordered = tokens.masked_fill(~mask.unsqueeze(-1), torch.finfo(tokens.dtype).min)
+    ordered = ordered.sort(dim=1, descending=True).values[:, :max_len]
+    valid = (torch.arange(max_len).expand(len(lengths), max_len) < lengths.unsqueeze(1)).unsqueeze(-1)
+    ordered = ordered.masked_fill(~valid, 0.0)
+    pes = positional_encoding(max_len, gpo.d_pe, tokens.device, tokens.dtype).expand(len(lengths), -1, -1)
+    packed = pack_padded_sequence(pes * valid, lengths.cpu(), batch_first=True, enforce_sorted=False)
+    out, _ = pad_packed_sequence(gpo.gru(packed)[0], batch_first=True, total_length=max_len)
+    half = out.shape[-1] // 2
+    scores = gpo.linear((out[..., :half] + out[..., half:]) / 2).masked_fill(~valid, -1e4)
+    return (ordered * torch.softmax(scores / 0.1, dim=1)).sum(1)
+
+
+def test_gpo_matches_the_packed_per_sample_bigru_values_and_gradients():
+    """The length table (no host lengths) gives VSE∞'s packed BiGRU's numbers: every length from 1
+    to the full width, an empty sample, padding wider than the longest sample."""
+    g = torch.Generator().manual_seed(5)
+    tokens = torch.randn(9, 11, 8, generator=g)
+    lengths = torch.tensor([1, 2, 3, 5, 8, 9, 10, 0, 4])  # none uses all 11 slots
+    mask = torch.arange(11).unsqueeze(0) < lengths.unsqueeze(1)
+    mask = mask[:, torch.randperm(11, generator=g)]  # valid tokens anywhere, not only first
+    torch.manual_seed(0)
+    gpo = GPO()
+    probe = torch.randn(9, 8, generator=g) * (lengths > 0).unsqueeze(1)  # the empty sample pools to -3e38
+    fast = gpo(tokens, mask)
+    fast_grads = torch.autograd.grad((fast * probe).sum(), list(gpo.parameters()))
+    slow = packed_gpo_reference(gpo, tokens, mask)
+    slow_grads = torch.autograd.grad((slow * probe).sum(), list(gpo.parameters()))
+    torch.testing.assert_close(fast, slow, rtol=1e-6, atol=1e-6)
+    for got, want in zip(fast_grads, slow_grads):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

@@ -13,11 +13,12 @@ import torch
 from study.commands import data as data_command
 from trainables.config import DataConfig
 from trainables.data.loader import (
-    CaptionDataset,
     RandomBatchSampler,
     UniqueImageBatchSampler,
     build_eval_loaders,
     build_train_loader,
+    device_batch,
+    drop_regions,
     set_epoch,
 )
 from trainables.data.precomp import (
@@ -152,13 +153,6 @@ def test_check_dataset_summarises_the_existing_splits(synth_root):
                             "ids": 100}
 
 
-def test_float16_features_are_accepted_and_upcast(tmp_path):
-    tiny_split(tmp_path, ims=np.ones((3, 4, 6), np.float16))
-    split = PrecompSplit(tmp_path, "test")
-    item = CaptionDataset(split)[0]
-    assert item["images"].dtype == torch.float32 and validate_split(tmp_path, "test")["dtype"] == "float16"
-
-
 def _nan_ims():
     ims = np.zeros((3, 4, 6), np.float32)
     ims[2, 1, 3] = np.nan
@@ -276,10 +270,37 @@ def test_through_the_real_cli_main(synth_root, tmp_path, capsys):
 # -------------------------------------------------------------------------------- datasets/loaders
 
 
+def reference_batch(split: PrecompSplit, tokenizer, captions: list[int], max_length: int = 40) -> dict:
+    """The old per-item path, kept as the naive reference: each caption's image copied to float32 on
+    its own, then stacked; the captions tokenised together."""
+    k = split.captions_per_image
+    images = torch.stack([torch.from_numpy(np.array(split.image(j // k), dtype=np.float32))
+                          for j in captions])
+    tokens = tokenizer([split.caption(j) for j in captions], padding=True, truncation=True,
+                       max_length=max_length, return_tensors="pt")
+    return {"images": images, "region_mask": torch.ones(images.shape[:2], dtype=torch.bool),
+            "input_ids": tokens["input_ids"].long(), "attention_mask": tokens["attention_mask"].long(),
+            "image_ids": torch.tensor([j // k for j in captions])}
+
+
+def reference_drop_regions(features: np.ndarray, p: float, rng: np.random.Generator) -> torch.Tensor:
+    """The old per-item region dropout on the host; returns its ``[R]`` mask (a prefix)."""
+    keep = rng.random(features.shape[0]) >= p
+    if not keep.any():
+        keep[rng.integers(features.shape[0])] = True
+    return torch.arange(features.shape[0]) < int(keep.sum())
+
+
+CPU = torch.device("cpu")
+
+
 def test_train_batches_follow_the_contract(synth_root, tokenizer):
     split = PrecompSplit(synth_root, "train")
     loader = build_train_loader(DataConfig(region_dropout=0.3), split, tokenizer, batch_size=16, seed=0)
-    batch = next(iter(loader))
+    host = next(iter(loader))
+    assert set(host) == {"images", "region_mask", "input_ids", "attention_mask", "image_ids", "dropout_seed"}
+    assert host["region_mask"].all() and host["dropout_seed"].shape == ()  # dropout waits for the device
+    batch = device_batch(host, CPU, 0.3)
     assert batch["images"].shape == (16, 8, 16) and batch["images"].dtype == torch.float32
     assert batch["region_mask"].shape == (16, 8) and batch["region_mask"].dtype == torch.bool
     assert batch["input_ids"].dtype == batch["attention_mask"].dtype == batch["image_ids"].dtype == torch.int64
@@ -288,6 +309,171 @@ def test_train_batches_follow_the_contract(synth_root, tokenizer):
     assert len(set(batch["image_ids"].tolist())) == 16  # unique_images is the default
     assert not batch["region_mask"].all()  # some regions dropped
     assert (batch["images"][~batch["region_mask"]] == 0).all()
+
+
+@pytest.mark.parametrize("unique", [True, False])
+def test_batches_equal_the_per_item_reference(synth_root, tokenizer, unique):
+    split = PrecompSplit(synth_root, "train", max_images=24)
+    cfg = DataConfig(unique_images=unique, region_dropout=0.0)
+    loader = build_train_loader(cfg, split, tokenizer, batch_size=10, seed=7)
+    sampler = (UniqueImageBatchSampler if unique else RandomBatchSampler)(24, 5, 10, seed=7)
+    for epoch in (0, 3):
+        set_epoch(loader, epoch)
+        got = [device_batch(batch, CPU, cfg.region_dropout) for batch in loader]
+        want = [reference_batch(split, tokenizer, captions) for captions in epoch_batches(sampler, epoch)]
+        assert len(got) == len(want) == 12
+        for a, b in zip(got, want, strict=True):
+            assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
+
+
+class CountingArray:
+    """Array stand-in that counts how often it is indexed."""
+
+    def __init__(self, array):
+        self.array, self.calls = array, 0
+        self.shape, self.dtype = array.shape, array.dtype
+
+    def __getitem__(self, index):
+        self.calls += 1
+        return self.array[index]
+
+
+def test_a_batch_is_gathered_with_one_fancy_index(synth_root, tokenizer):
+    split = PrecompSplit(synth_root, "train")
+    split.images = CountingArray(split.images)
+    batches = list(build_train_loader(DataConfig(), split, tokenizer, batch_size=16, seed=0))
+    assert split.images.calls == len(batches) == 13  # 200 captions in 13 batches: one index each
+    split = PrecompSplit(synth_root, "dev", max_images=40)
+    split.images = CountingArray(split.images)
+    assert len(list(build_eval_loaders(DataConfig(), split, tokenizer, 16).images)) == split.images.calls == 3
+
+
+def test_float16_features_keep_their_dtype_until_the_device(tmp_path, tokenizer):
+    ims = np.random.default_rng(0).standard_normal((6, 4, 6)).astype(np.float16)
+    tiny_split(tmp_path, "train", n=6, ims=ims)
+    split = PrecompSplit(tmp_path, "train")
+    host = next(iter(build_train_loader(DataConfig(region_dropout=0.5), split, tokenizer, 4, seed=0)))
+    assert host["images"].dtype == torch.float16  # half the bytes through the loader and the copy
+    plain = device_batch(host, CPU, 0.0)
+    assert plain["images"].dtype == torch.float32
+    assert torch.equal(plain["images"], torch.from_numpy(ims.astype(np.float32))[host["image_ids"]])
+    assert device_batch(host, CPU, 0.5)["images"].dtype == torch.float32
+    evaluated = next(iter(build_eval_loaders(DataConfig(), split, tokenizer, 6).images))["images"]
+    assert evaluated.dtype == torch.float32
+    assert torch.equal(evaluated, torch.from_numpy(ims.astype(np.float32)))
+    assert validate_split(tmp_path, "train")["dtype"] == "float16"
+
+
+def dropped(images: torch.Tensor, p: float, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return drop_regions(images, torch.ones(images.shape[:2], dtype=torch.bool), p, generator)
+
+
+def test_region_dropout_moves_kept_regions_first_in_order_and_keeps_one():
+    images = torch.arange(1, 1 + 300 * 6 * 2, dtype=torch.float32).view(300, 6, 2)  # rows all distinct
+    out, mask = dropped(images, 0.6)
+    counts = mask.sum(1)
+    assert counts.min() >= 1 and counts.max() <= 6 and 0 < (counts < 6).float().mean()
+    assert torch.equal(mask, torch.arange(6) < counts.unsqueeze(1))  # a prefix
+    assert (out[~mask] == 0).all()
+    for row in range(300):
+        kept = out[row, : counts[row], 0].long()
+        positions = ((kept - 1) // 2) % 6  # where each kept region was
+        assert torch.equal(out[row, : counts[row]], images[row, positions])  # the region itself
+        assert (positions.diff() > 0).all()  # in its original order
+    out, mask = dropped(images, 0.0)
+    assert mask.all() and torch.equal(out, images)
+
+
+@pytest.mark.parametrize("p", [0.2, 0.7, 0.97])
+def test_region_dropout_has_the_distribution_of_the_per_item_reference(p):
+    """Kept-region counts follow Binomial(R, 1 - p) with an empty draw turned into one region, on the
+    device path and in the old per-item path alike; the rescued region is uniform."""
+    from scipy import stats
+
+    rows, regions = 6000, 6
+    _, mask = dropped(torch.zeros(rows, regions, 1), p)
+    features = np.zeros((regions, 1), np.float32)
+    reference = torch.stack([reference_drop_regions(features, p, np.random.default_rng([1, j]))
+                             for j in range(rows)])
+    expected = stats.binom.pmf(np.arange(regions + 1), regions, 1 - p)
+    expected[1] += expected[0]
+    expected = expected[1:]
+    for counts in (mask.sum(1), reference.sum(1)):
+        observed = np.bincount(counts.numpy(), minlength=regions + 1)[1:]
+        keep = expected * rows >= 5  # chi-square needs expected counts of at least ~5
+        observed_kept = observed[keep]
+        expected_kept = expected[keep] / expected[keep].sum() * observed_kept.sum()
+        assert stats.chisquare(observed_kept, expected_kept).pvalue > 1e-3, (observed, expected * rows)
+    images = torch.arange(regions, dtype=torch.float32).view(1, regions, 1).repeat(rows, 1, 1)
+    out, mask = dropped(images, 0.999)
+    alone = out[mask.sum(1) == 1, 0, 0].long()  # which region a row that lost all kept
+    assert stats.chisquare(np.bincount(alone.numpy(), minlength=regions)).pvalue > 1e-3
+
+
+def test_region_dropout_is_deterministic_per_seed_and_epoch(synth_root, tokenizer):
+    split = PrecompSplit(synth_root, "train")
+    loader = build_train_loader(DataConfig(region_dropout=0.5), split, tokenizer, batch_size=16, seed=1)
+
+    def masks(epoch: int) -> list[torch.Tensor]:
+        set_epoch(loader, epoch)
+        return [device_batch(batch, CPU, 0.5)["region_mask"] for batch in loader]
+
+    first = masks(0)
+    assert all(torch.equal(a, b) for a, b in zip(first, masks(0), strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(first, masks(1), strict=True))
+    assert len({tuple(m.flatten().tolist()) for m in first}) == len(first)  # each batch its own draw
+    batch = next(iter(loader))
+    with_generator = [device_batch(batch, CPU, 0.5, torch.Generator().manual_seed(9))["region_mask"]
+                      for _ in range(2)]
+    assert torch.equal(*with_generator)
+    without_seed = {key: value for key, value in batch.items() if key != "dropout_seed"}
+    with pytest.raises(ValueError, match="needs a generator"):
+        device_batch(without_seed, CPU, 0.5)
+    assert device_batch(without_seed, CPU, 0.0)["region_mask"].all()  # no dropout: no seed needed
+
+
+def test_workers_give_the_same_batches_as_the_main_process(synth_root, tokenizer):
+    split = PrecompSplit(synth_root, "train", max_images=12)
+
+    def epochs(workers: int) -> list[dict]:
+        loader = build_train_loader(DataConfig(num_workers=workers, region_dropout=0.4), split, tokenizer,
+                                    batch_size=8, seed=3)
+        out = []
+        for epoch, steps in ((2, 2), (3, None)):  # persistent workers follow the epoch, also after a break
+            set_epoch(loader, epoch)
+            out += [device_batch(batch, CPU, 0.4) for _, batch in zip(range(steps or len(loader)), loader)]
+        return out
+
+    for a, b in zip(epochs(0), epochs(2), strict=True):
+        assert all(torch.equal(a[key], b[key]) for key in a)
+
+
+def test_pin_memory_and_persistent_workers_are_plumbed(synth_root, tokenizer):
+    split = PrecompSplit(synth_root, "train", max_images=12)
+    plain = build_train_loader(DataConfig(), split, tokenizer, 8, seed=0)
+    assert not plain.pin_memory and not plain.persistent_workers
+    pinned = build_train_loader(DataConfig(num_workers=1), split, tokenizer, 8, seed=0, pin_memory=True)
+    assert pinned.pin_memory and pinned.persistent_workers
+    evaluation = build_eval_loaders(DataConfig(num_workers=1), split, tokenizer, 8, pin_memory=True)
+    assert evaluation.images.pin_memory and not evaluation.images.persistent_workers
+
+
+def test_cached_hidden_states_are_gathered_like_padded_items(tmp_path):
+    from trainables.data.loader import gather_hidden
+    from trainables.data.text_cache import TextFeatures
+
+    lengths = np.array([3, 1, 4, 2, 5])
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    hidden = np.random.default_rng(0).standard_normal((offsets[-1], 3)).astype(np.float32)
+    np.save(tmp_path / "hidden.npy", hidden)
+    np.save(tmp_path / "offsets.npy", offsets)
+    text = TextFeatures(tmp_path)
+    captions = np.array([4, 1, 2])
+    hidden, mask = gather_hidden(text, captions)
+    items = [torch.from_numpy(np.array(text.caption(j))) for j in captions]
+    assert torch.equal(hidden, torch.nn.utils.rnn.pad_sequence(items, batch_first=True))
+    assert torch.equal(mask, (torch.arange(5) < torch.tensor([5, 1, 4]).unsqueeze(1)).long())
 
 
 def test_eval_loaders_cover_the_split_in_order(synth_root, tokenizer):
@@ -301,42 +487,8 @@ def test_eval_loaders_cover_the_split_in_order(synth_root, tokenizer):
     caption_ids = torch.cat([b["image_ids"] for b in caption_batches])
     assert torch.equal(caption_ids, torch.arange(150) // 5)
     assert set(caption_batches[0]) == {"input_ids", "attention_mask", "image_ids"}
-
-
-def test_region_dropout_only_in_training_and_keeps_one_region(synth_root):
-    split = PrecompSplit(synth_root, "train")
-    full = torch.from_numpy(np.array(split.image(0)))
-    plain = CaptionDataset(split, region_dropout=0.9, train=False)[0]
-    assert plain["region_mask"].all() and torch.equal(plain["images"], full)
-    heavy = CaptionDataset(split, region_dropout=0.99, train=True)
-    kept = [int(heavy[j]["region_mask"].sum()) for j in range(100)]
-    assert min(kept) >= 1 and max(kept) < 8
-    item = CaptionDataset(split, region_dropout=0.5, train=True)[3]
-    n = int(item["region_mask"].sum())
-    assert item["region_mask"][:n].all() and not item["region_mask"][n:].any()  # kept regions first
-    rows = {tuple(r.tolist()) for r in full}
-    assert all(tuple(r.tolist()) in rows for r in item["images"][:n])
-
-
-def test_region_dropout_is_seeded_by_epoch(synth_root):
-    dataset = CaptionDataset(PrecompSplit(synth_root, "train"), region_dropout=0.5, train=True, seed=1)
-    masks = lambda: torch.stack([dataset[j]["region_mask"] for j in range(40)])  # noqa: E731
-    first = masks()
-    assert torch.equal(first, masks())
-    dataset.set_epoch(1)
-    assert not torch.equal(first, masks())
-
-
-def test_workers_give_the_same_batches_as_the_main_process(synth_root, tokenizer):
-    split = PrecompSplit(synth_root, "train", max_images=12)
-
-    def epoch(workers: int) -> list[dict]:
-        loader = build_train_loader(DataConfig(num_workers=workers), split, tokenizer, batch_size=8, seed=3)
-        set_epoch(loader, 2)
-        return list(loader)
-
-    for a, b in zip(epoch(0), epoch(2), strict=True):
-        assert all(torch.equal(a[key], b[key]) for key in a)
+    want = reference_batch(split, tokenizer, list(range(16)))
+    assert all(torch.equal(caption_batches[0][key], want[key]) for key in caption_batches[0])
 
 
 # ----------------------------------------------------------------------------------- batch samplers

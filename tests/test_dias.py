@@ -171,34 +171,72 @@ def test_cross_attend_matches_loop():
     torch.testing.assert_close(fast[1][word_mask], slow[1][word_mask])
 
 
+def find_row(row, table, positions):
+    """The one position p of ``positions`` with ``table[p] == row``."""
+    hits = [p for p in positions if torch.equal(table[p], row)]
+    assert len(hits) == 1, hits
+    return hits[0]
+
+
 @pytest.mark.parametrize("max_rows", [None, 6])
-def test_dim_alignment_rows_matches_loop_and_equalises_counts(max_rows):
+def test_dim_alignment_rows_match_loop_and_equalise_counts(max_rows):
+    """Kept rows = ``count`` distinct valid regions (with their text context) then ``count`` distinct
+    valid words (with their image context); the other rows are zero with weight 0."""
     regions, region_mask, words, word_mask = random_tokens()
     w4r, r4w = dl.cross_attend(regions, region_mask, words, word_mask, 0.3)
-    m_v, m_t = dl.dim_alignment_rows(regions, region_mask, words, word_mask, w4r, r4w, max_rows,
-                                     torch.Generator().manual_seed(5))
+    m_v, m_t, keep = dl.dim_alignment_rows(regions, region_mask, words, word_mask, w4r, r4w, max_rows,
+                                           torch.tensor(5))
     region_pos = [(n, i) for n in range(3) for i in range(4) if region_mask[n, i]]  # 11
     word_pos = [(n, w) for n in range(3) for w in range(5) if word_mask[n, w]]  # 10
-    count = min(len(region_pos), len(word_pos), (max_rows or 10**9) // 2)
-    gen = torch.Generator().manual_seed(5)  # the same draws, regions first
-    picked_r = [region_pos[int(i)] for i in dl.subsample(len(region_pos), count, gen)]
-    picked_w = [word_pos[int(i)] for i in dl.subsample(len(word_pos), count, gen)]
-    ref_v = torch.stack([regions[p] for p in picked_r] + [r4w[p] for p in picked_w])
-    ref_t = torch.stack([w4r[p] for p in picked_r] + [words[p] for p in picked_w])
-    assert m_v.shape == m_t.shape == (2 * count, 6)
-    torch.testing.assert_close(m_v, ref_v)
-    torch.testing.assert_close(m_t, ref_t)
-    if max_rows is None:  # the fewer kind (words) is used whole, in order
-        assert picked_w == word_pos
+    cap = (max_rows or 10**9) // 2
+    count = min(len(region_pos), len(word_pos), cap)
+    k_r, k_w = min(cap, 12), min(cap, 15)  # fixed row counts: all 3 x 4 region, 3 x 5 word slots
+    assert m_v.shape == m_t.shape == (k_r + k_w, 6)
+    expected_keep = [1.0] * count + [0.0] * (k_r - count) + [1.0] * count + [0.0] * (k_w - count)
+    assert keep.tolist() == expected_keep
+    picked_r = [find_row(m_v[i], regions, region_pos) for i in range(count)]
+    picked_w = [find_row(m_t[k_r + i], words, word_pos) for i in range(count)]
+    assert len(set(picked_r)) == len(set(picked_w)) == count
+    torch.testing.assert_close(m_t[:count], torch.stack([w4r[p] for p in picked_r]))
+    torch.testing.assert_close(m_v[k_r:k_r + count], torch.stack([r4w[p] for p in picked_w]))
+    dropped = keep == 0
+    assert m_v[dropped].eq(0).all() and m_t[dropped].eq(0).all()
+    if max_rows is None:  # the fewer kind (words) is used whole
+        assert set(picked_w) == set(word_pos)
 
 
-def test_subsample_takes_all_or_a_sorted_random_subset():
-    assert torch.equal(dl.subsample(5, 5), torch.arange(5))
-    assert torch.equal(dl.subsample(5, 9), torch.arange(5))
-    picks = [dl.subsample(20, 6, torch.Generator().manual_seed(seed)) for seed in range(50)]
-    assert all(len(set(p.tolist())) == 6 and torch.equal(p, p.sort().values) for p in picks)
-    assert set(torch.cat(picks).tolist()) == set(range(20))  # every position can be drawn
-    assert torch.equal(picks[0], dl.subsample(20, 6, torch.Generator().manual_seed(0)))  # reproducible
+def test_padding_rows_never_reach_the_rows_of_l_dim():
+    """A NaN in a padded token stays out of M_V, M_T and C (as when the rows were gathered)."""
+    regions, region_mask, words, word_mask = random_tokens()
+    w4r, r4w = dl.cross_attend(regions, region_mask, words, word_mask, 0.3)
+    regions[0, -1] = float("nan")  # region_mask[0, -1] is False
+    words[2, -1] = float("inf")  # word_mask[2, -1] is False
+    m_v, m_t, keep = dl.dim_alignment_rows(regions, region_mask, words, word_mask, w4r, r4w, None,
+                                           torch.tensor(0))
+    assert torch.isfinite(dl.cross_correlation(m_v, m_t, keep)).all()
+
+
+def test_row_picks_are_reproducible_random_subsets_of_the_valid_positions():
+    valid = torch.rand(20, generator=torch.Generator().manual_seed(0)) > 0.3
+    positions = set(valid.nonzero().squeeze(1).tolist())
+    picks = [dl.pick_valid(valid, dl.random_keys(torch.tensor(seed), 20), 20) for seed in range(400)]
+    for pick in picks:  # every valid position, before every invalid one
+        assert set(pick[:len(positions)].tolist()) == positions and sorted(pick.tolist()) == list(range(20))
+    firsts = torch.stack([pick[:4] for pick in picks])  # the subsets of 4 that a cap of 4 would keep
+    counts = torch.bincount(firsts.flatten(), minlength=20).float()
+    expected = 400 * 4 / len(positions)
+    assert counts[~valid].eq(0).all() and (counts[valid] - expected).abs().max() < 0.35 * expected
+    assert len({tuple(p.tolist()) for p in firsts}) > 300  # seeds give different subsets
+    same = dl.pick_valid(valid, dl.random_keys(torch.tensor(7), 20), 20)
+    assert torch.equal(same, picks[7])  # a function of the seed: every DDP rank draws the same rows
+    assert not torch.equal(dl.random_keys(torch.tensor(7), 20, salt=1), dl.random_keys(torch.tensor(7), 20))
+
+
+def test_batch_seed_depends_on_the_ids_and_their_order():
+    ids = torch.tensor([4, 8, 15, 16, 23, 42])
+    assert torch.equal(dl.batch_seed(ids), dl.batch_seed(ids.clone()))
+    others = [ids + 1, ids.flip(0), ids[:-1], torch.tensor([4, 8, 15, 16, 23, 43])]
+    assert len({int(dl.batch_seed(ids))} | {int(dl.batch_seed(other)) for other in others}) == 5
 
 
 def test_every_region_slot_enters_dim_rows():
@@ -208,9 +246,9 @@ def test_every_region_slot_enters_dim_rows():
     regions = torch.stack([slot, torch.zeros(b, r)], dim=-1)  # feature 0 = the region's slot
     region_mask, word_mask = torch.ones(b, r, dtype=torch.bool), torch.ones(b, 12, dtype=torch.bool)
     words = torch.zeros(b, 12, d)
-    gen = torch.Generator().manual_seed(0)
-    m_v, _ = dl.dim_alignment_rows(regions, region_mask, words, word_mask, torch.zeros(b, r, d),
-                                   torch.zeros(b, 12, d), max_rows=1024, generator=gen)
+    m_v, _, keep = dl.dim_alignment_rows(regions, region_mask, words, word_mask, torch.zeros(b, r, d),
+                                         torch.zeros(b, 12, d), max_rows=1024, seed=torch.tensor(0))
+    assert keep[:512].eq(1).all()
     slots = m_v[:512, 0].long()
     assert len(slots) == 512 and set(slots.tolist()) == set(range(r))
 
@@ -221,8 +259,19 @@ def test_cross_correlation_matches_loop():
     torch.testing.assert_close(dl.cross_correlation(a, b), naive_cross_correlation(a, b))
 
 
+def test_weighted_cross_correlation_is_that_of_the_kept_rows_alone():
+    """The fixed-shape form (0/1 row weights) against the correlation of the gathered kept rows."""
+    gen = torch.Generator().manual_seed(4)
+    a, b = torch.randn(9, 4, generator=gen, dtype=f64), torch.randn(9, 4, generator=gen, dtype=f64)
+    keep = torch.tensor([1, 0, 1, 1, 0, 1, 1, 0, 1], dtype=f64)
+    a[keep == 0], b[keep == 0] = 1e3, -1e3  # the dropped rows' values must not matter
+    kept = keep == 1
+    torch.testing.assert_close(dl.cross_correlation(a, b, keep), naive_cross_correlation(a[kept], b[kept]))
+    torch.testing.assert_close(dl.cross_correlation(a, b, torch.ones(9, dtype=f64)), dl.cross_correlation(a, b))
+
+
 def test_cross_correlation_float32_is_accurate_with_offset_columns():
-    # The raw-moment form cancels E[xy] - E[x]E[y]; check float32 stays close with |mean| = 5 std.
+    # A raw-moment form would cancel E[xy] - E[x]E[y]; check float32 stays close with |mean| = 5 std.
     gen = torch.Generator().manual_seed(2)
     a = torch.randn(512, 64, generator=gen, dtype=f64) + 5
     b = 0.5 * a + torch.randn(512, 64, generator=gen, dtype=f64) - 5

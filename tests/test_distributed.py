@@ -1,6 +1,8 @@
 """Whole-batch statistics under DDP: the same 64 pairs as 1 process × 64 and as 2 gloo processes × 32
 give equal loss terms and equal (DDP-averaged) gradients, for every registered method (in float64,
-to 1e-7: the comparison is of the maths, not of float32 summation order).
+to 1e-7: the comparison is of the maths, not of float32 summation order). The same processes then
+train the method's shipped studies under DDP without ``find_unused_parameters``
+(``tests/test_ddp_params.py``).
 
 The two halves are cut to their own longest caption, as the loader does, so the gather must also
 pad captions to a common length. Models run in eval mode: dropout and CDDS's noise draw random
@@ -66,6 +68,8 @@ def terms_and_grads(method: str, batch: dict[str, torch.Tensor]) -> tuple[dict, 
 
 
 def worker(rank: int, method: str, init_file: str, out_dir: str) -> None:
+    from tests.test_ddp_params import train_shipped
+
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     try:
@@ -73,7 +77,10 @@ def worker(rank: int, method: str, init_file: str, out_dir: str) -> None:
         for grad in grads:  # what DDP does with every parameter's gradient
             dist.all_reduce(grad)
             grad /= 2
-        torch.save({"terms": terms, "grads": grads}, os.path.join(out_dir, f"rank{rank}.pt"))
+        # While the processes are up: DDP steps of the method's shipped studies (tests/test_ddp_params.py)
+        shipped = train_shipped(method, rank)
+        torch.save({"terms": terms, "grads": grads, "shipped": shipped},
+                   os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
@@ -88,10 +95,13 @@ def test_two_workers_see_the_whole_batch(method, tmp_path):
 
 
 def compare_one_and_two_workers(method, tmp_path):
+    from tests.test_ddp_params import check_shipped
+
     mp.spawn(worker, args=(method, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in (0, 1)]
+    check_shipped(method, [got["shipped"] for got in ranks])
     terms, grads = terms_and_grads(method, global_batch())
-    for rank in (0, 1):
-        got = torch.load(tmp_path / f"rank{rank}.pt")
+    for got in ranks:
         assert set(got["terms"]) == set(terms)
         for name, value in terms.items():
             torch.testing.assert_close(got["terms"][name], value, rtol=1e-9, atol=1e-10, msg=name)

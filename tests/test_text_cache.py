@@ -79,7 +79,9 @@ def test_cached_training_gives_the_metrics_of_re_encoding(data_root, tmp_path, e
         # Hidden states of a caption differ in the last bits with its batch's padding length only.
         for key in ("loss", "gap_centroid_dist", "alignment"):
             assert a[key] == pytest.approx(b[key], rel=1e-5), key
-    assert uncached[-1]["rsum"] > uncached[0]["rsum"]  # it learned: the comparison is not of two no-ops
+    # It trained: the comparison is not of two no-ops (the loss, not rSum: 100 images sit near
+    # chance after 2 epochs, and their rSum moves either way with the region-dropout draws).
+    assert uncached[-1]["loss"] < uncached[0]["loss"]
 
 
 def test_frozen_backbone_is_deterministic_in_train_mode():
@@ -233,3 +235,18 @@ def test_concurrent_writers_leave_one_complete_entry(data_root, lock):
                                     load_tokenizer("tiny"), 40, torch.device("cpu"))
     assert str(expected.path) == paths[0] and float(np.asarray(expected.hidden).sum()) == sums[0]
     assert expected.hidden.shape[0] == int(expected.offsets[-1])
+
+
+def test_a_killed_encode_leaves_nothing_behind_once_the_entry_is_built(data_root):
+    """A writer killed mid-encode (SIGKILL, OOM) cannot clean up; the next writer, holding the key's
+    lock, removes its half-written temp directory before encoding."""
+    split, backbone, tokenizer = PrecompSplit(data_root, "dev", 10), frozen_backbone(), load_tokenizer("tiny")
+    key, _ = cache_key(split, backbone, tokenizer, 40)
+    base = data_root / ".cache" / "text"
+    dead = base / f".{key}.tmp-killed"
+    dead.mkdir(parents=True)
+    (dead / "hidden.npy").write_bytes(b"torn")
+    other = base / ".another-key.tmp-live"  # another key's writer may still be running: left alone
+    other.mkdir()
+    text = cached_text_features(split, backbone, tokenizer, 40, torch.device("cpu"))
+    assert text.path == base / key and not dead.exists() and other.exists()

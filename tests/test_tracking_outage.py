@@ -352,3 +352,23 @@ def test_a_study_whose_mlflow_is_gone_at_the_end_still_finishes_and_keeps_the_cl
     kept = (tmp_path / "mlflow_buffer.jsonl").read_text().splitlines()
     assert len(kept) == 2  # the results.csv artifact and the FINISHED status of the parent
     assert "python -m study sync" in capsys.readouterr().out
+
+
+def test_a_training_run_logged_while_mlflow_is_away_is_kept_and_synced(tmp_path):
+    """``study train`` logs after a training that may have taken hours: an unreachable MLflow keeps
+    the run in the run folder's buffer (the CLI prints the sync line) instead of losing it."""
+    from study.train import log_run
+
+    store = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    folder = tmp_path / "run"
+    folder.mkdir()
+    history = [{"epoch": 1.0, "rsum": 100.0, "loss": 0.5}, {"epoch": 2.0, "rsum": 120.0, "loss": 0.4}]
+    line = log_run(a_study(f"http://127.0.0.1:{closed_port()}"), "outage-train-1", history, folder)
+    assert line.startswith("MLflow at") and f"python -m study sync {folder}" in line
+    assert tb.sync(tmp_path, uri=store)[0][2] == 0
+    client = MlflowClient(store)
+    (run,) = client.search_runs([client.get_experiment_by_name(EXPERIMENT).experiment_id])
+    assert run.info.status == "FINISHED" and run.data.tags["kind"] == "train"
+    assert run.data.params["train.lr"] == "0.001"
+    assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "rsum")] == [(1, 100.0), (2, 120.0)]
+    assert log_run(a_study(store), "outage-train-2", history, tmp_path / "run2") is None  # reachable: nothing kept

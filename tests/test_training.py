@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,7 @@ from trainables.data import PrecompSplit, build_eval_loaders
 from trainables.errors import ConfigError
 from trainables.evaluation import evaluate
 from trainables.loop import evaluate_test, fit, seed_everything
-from trainables.methods import build_model
+from trainables.methods import METHODS, build_model
 from trainables.reporters import LocalReporter
 from trainables.text_models import load_tokenizer
 
@@ -122,3 +123,95 @@ def test_measuring_the_budget_changes_no_state(smoke_study):
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert any(b.numel() for b in model.buffers())  # CDDS has running buffers: the check is not vacuous
+
+
+# --- host syncs: on the GPU each read of a device tensor on the host stalls the step --------------
+
+HOST_READS = ("item", "tolist", "__float__", "__int__", "__bool__", "__index__", "cpu", "numpy", "nonzero")
+
+
+def count_host_reads(monkeypatch) -> Counter[str]:
+    """Count, by name and calling file, every host read of a tensor made by code in ``trainables/``
+    (on CUDA each is a sync): ``.item()``, ``float()``, ``if tensor``, ``.tolist()``, ``.cpu()``,
+    ``nonzero`` and boolean-mask indexing (a data-dependent shape). On the CPU
+    ``torch.cuda.set_sync_debug_mode`` sees nothing, so the calls themselves are counted."""
+    import sys
+
+    import trainables
+
+    root, counts = str(Path(trainables.__file__).parent), Counter()
+
+    def spy(name, original):
+        def wrapper(self, *args, **kwargs):
+            caller = sys._getframe(1).f_code.co_filename
+            if caller.startswith(root) and (name != "__getitem__" or _bool_index(args[0])):
+                counts[f"{name} in {Path(caller).name}"] += 1
+            return original(self, *args, **kwargs)
+        return wrapper
+
+    for name in (*HOST_READS, "__getitem__"):
+        monkeypatch.setattr(torch.Tensor, name, spy(name, getattr(torch.Tensor, name)))
+    return counts
+
+
+def _bool_index(index) -> bool:
+    parts = index if isinstance(index, tuple) else (index,)
+    return any(isinstance(part, torch.Tensor) and part.dtype == torch.bool for part in parts)
+
+
+def epoch_of(method: str, batches: list[dict], **train) -> dict[str, float]:
+    from tests.test_methods import IMAGE_DIM, job_for
+    from trainables.loop import TrainStep, train_one_epoch
+
+    job = job_for(method, **train)
+    job = job.model_copy(update={"data": job.data.model_copy(update={"region_dropout": 0.0})})
+    torch.manual_seed(0)
+    model = build_model(job, IMAGE_DIM)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    return train_one_epoch(TrainStep(model), model, batches, optimizer, job, 1, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_the_training_step_reads_nothing_on_the_host(method, monkeypatch):
+    """The host reads of an epoch do not grow with its steps: none per step, only the per-epoch
+    budget and the one read of the summed stats (``trainables/step_stats.py``)."""
+    from tests.test_methods import random_batch
+
+    monkeypatch.setattr("trainables.loop.LOG_EVERY", 1000)
+    counts = count_host_reads(monkeypatch)
+    short = epoch_of(method, [random_batch(seed) for seed in range(2)])
+    per_epoch = dict(counts)
+    counts.clear()
+    long = epoch_of(method, [random_batch(seed) for seed in range(5)])
+    assert short["steps"] == 2 and long["steps"] == 5
+    assert per_epoch, "the spy saw nothing: it is not counting"
+    assert dict(counts) == per_epoch
+
+
+def test_stats_are_summed_on_the_device_and_averaged_per_epoch():
+    from trainables.model import LossOutput
+    from trainables.step_stats import StepStats
+
+    stats = StepStats(epoch=0)
+    for step in range(4):
+        terms = {"align": torch.tensor(float(step)), "dim": torch.tensor(2.0 * step)}
+        stats.add(terms["align"] + 0.5 * terms["dim"],
+                  LossOutput(terms, {"dim": 0.5}, {"density": torch.tensor(step / 10), "legacy": 1.0}))
+    means = stats.means()
+    assert means == pytest.approx({"loss": 3.0, "loss_align": 1.5, "loss_dim": 3.0, "density": 0.15,
+                                   "legacy": 1.0})
+
+
+@pytest.mark.parametrize("log_every,checked", [(1000, "steps 1-5"), (2, "steps 3-4")])
+def test_a_non_finite_loss_is_named_at_the_next_read(log_every, checked, monkeypatch):
+    """The flag stays on the device until the next read (every LOG_EVERY steps, and at the end of the
+    epoch); the error names the epoch, the first bad step, the steps that read covered and the terms."""
+    from tests.test_methods import random_batch
+    from trainables.errors import NonFiniteLossError
+
+    monkeypatch.setattr("trainables.loop.LOG_EVERY", log_every)
+    batches = [random_batch(seed) for seed in range(5)]
+    batches[2]["images"] = torch.full_like(batches[2]["images"], float("nan"))
+    expected = rf"non-finite loss at epoch 2 step 3 \(align=nan; found when checking {checked};"
+    with pytest.raises(NonFiniteLossError, match=expected):
+        epoch_of("base", batches)

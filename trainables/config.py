@@ -62,7 +62,11 @@ class TrainConfig(Section):
     margin: float = Field(0.2, ge=0)
     warmup_epochs: int = Field(1, ge=0)  # epochs summing all negatives before hardest-negative
     seed: int = 0
-    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto = bf16 autocast on CUDA, fp32 on CPU
+    # auto = bf16 autocast on a GPU with native bf16 (Ampere on), fp32 on the CPU and on older GPUs
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    # Deterministic kernels (an error where an op has none), no cuDNN autotuning, a fixed cuBLAS
+    # workspace: seeded runs then repeat on a GPU too, at some speed (trainables/device.py).
+    deterministic: bool = False
     eval_batch_size: PositiveInt = 256
     max_steps_per_epoch: PositiveInt | None = None  # cap for smoke tests and benchmarks
 

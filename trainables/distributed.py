@@ -18,15 +18,34 @@ from __future__ import annotations
 
 import warnings
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 from torch.distributed.nn.functional import all_gather
+from torch.nn.parallel import DistributedDataParallel
 
 
 def world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def wrap_ddp(net: nn.Module, device: torch.device) -> DistributedDataParallel:
+    """DDP over ``net`` (``TrainStep``), without ``find_unused_parameters``: every method and switch
+    builds only parameters its loss reaches (a disabled term's threshold is a buffer or absent, the
+    text encoders have no pooler), so DDP need not walk the graph each step to find unused ones.
+    ``tests/test_ddp_params.py`` holds every method and switch to that."""
+    return DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """The seed a rank continues with once the model is built (identical weights everywhere): rank 0
+    keeps ``seed``, so it draws as a one-process run does; every other rank draws its own noise and
+    dropout from a seed derived from (seed, rank)."""
+    if rank == 0:
+        return seed
+    return int(np.random.SeedSequence([seed % 2**64, rank]).generate_state(1, np.uint64)[0])
 
 
 def max_shape(tensor: Tensor) -> list[int]:

@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from trainables.precision import full_precision, upcast
+
 RECALL_AT = (1, 5, 10)
 # Scratch memory the rank computation may use per chunk (~130 rows of a 5K x 25K matrix). Kept
 # small on purpose: cache-sized chunks measured 2-3x faster on CPU than 256 MiB ones, whose
@@ -220,13 +222,16 @@ def similarity_chunks(
 
     img_emb ``[N, d]``, txt_emb ``[M, d]``; the scores are on ``device`` (default: img_emb's).
     ``score_fn(img_chunk [c, d], txt [M, d]) -> [c, M]`` replaces the dot product for models whose
-    similarity is not one.
+    similarity is not one. Scored in float32 with autocast off, whatever the caller's autocast:
+    bf16 cosines are quantised to ~0.004, enough to tie ranks (``trainables/precision.py``).
     """
     device = torch.device(device) if device is not None else img_emb.device
     score_fn = score_fn or dot_score
-    txt = txt_emb.to(device)  # moved once; only image rows travel per chunk
+    txt = upcast(txt_emb.to(device))  # moved once; only image rows travel per chunk
     for start in range(0, img_emb.shape[0], chunk_rows):
-        yield start, score_fn(img_emb[start:start + chunk_rows].to(device), txt)
+        with full_precision(device):
+            scores = score_fn(upcast(img_emb[start:start + chunk_rows].to(device)), txt)
+        yield start, scores
 
 
 @torch.no_grad()

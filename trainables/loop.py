@@ -26,17 +26,19 @@ from trainables.data import (
     build_train_loader,
     frozen_text,
     check_eval_protocol,
+    device_batch,
     set_epoch,
 )
 from trainables.data.precomp import FOLD_IMAGES
 from trainables.budget import term_budget
-from trainables.device import autocast, choose_device
-from trainables.distributed import gather_batch
-from trainables.errors import NonFiniteLossError
+from trainables.device import autocast, choose_device, set_deterministic
+from trainables.distributed import gather_batch, rank_seed, wrap_ddp
 from trainables.evaluation import RECALL_AT, evaluate
 from trainables.malloc import keep_freed_memory
 from trainables.methods import build_model
 from trainables.model import ITMModel, LossOutput
+from trainables.precision import full_precision, upcast_all
+from trainables.step_stats import StepStats
 from trainables.text_models import load_tokenizer
 
 CHECKPOINT_FILE = "state.pt"
@@ -44,6 +46,8 @@ CHECKPOINT_FILE = "state.pt"
 SELECT_METRIC = "rsum"
 BEST_PREFIX, BEST_EPOCH = "best_", "best_epoch"
 VAL_RETRIEVAL = (*(f"{d}_r{k}" for d in ("i2t", "t2i") for k in RECALL_AT), "rsum")
+# Steps between two reads of the non-finite flag (each read syncs the host with the device).
+LOG_EVERY = 100
 
 
 class Reporter(Protocol):
@@ -82,7 +86,10 @@ def seed_everything(seed: int) -> None:
 class TrainStep(torch.nn.Module):
     """Forward + loss terms as one module call, so DDP sees every parameter a loss uses
     (temperatures, learnable thresholds) inside its forward. Under DDP the loss reads the whole
-    batch: every worker's per-sample outputs are gathered first (``trainables/distributed.py``)."""
+    batch: every worker's per-sample outputs are gathered first (``trainables/distributed.py``).
+
+    The encoders run under the caller's autocast; ``loss_terms`` runs in the fp32 island
+    (``trainables/precision.py``): autocast off, every half-precision output upcast to float32."""
 
     def __init__(self, model: ITMModel):
         super().__init__()
@@ -90,7 +97,8 @@ class TrainStep(torch.nn.Module):
 
     def forward(self, batch: dict[str, torch.Tensor], epoch: int) -> LossOutput:
         out, image_ids = gather_batch(self.model(batch), batch["image_ids"])
-        return self.model.loss_terms(out, image_ids, epoch)
+        with full_precision(image_ids.device):
+            return self.model.loss_terms(upcast_all(out), image_ids, epoch)
 
 
 def fit(job: JobConfig, reporter: Reporter, device: torch.device | None = None) -> list[dict[str, float]]:
@@ -99,11 +107,14 @@ def fit(job: JobConfig, reporter: Reporter, device: torch.device | None = None) 
     Returns every epoch's metrics, resumed epochs included (validation metrics only on rank 0).
     """
     keep_freed_memory()  # a fresh Ray worker otherwise page-faults on every freed temporary (trainables/malloc.py)
+    set_deterministic(job.train.deterministic)  # before any CUDA work: cuBLAS reads its workspace once
     seed_everything(job.train.seed)  # identical initial weights on every rank
-    device = device or choose_device(int(os.environ.get("LOCAL_RANK", 0)))
+    device = device or choose_device()  # under Ray: the device Ray assigned (trainables/ray_train.py)
     splits = open_splits(job)
     tokenizer = load_tokenizer(job.model.text_encoder)
     model = build_model(job, splits.train.feature_dim).to(device)
+    if reporter.rank:  # the same weights, but each rank its own noise and dropout
+        seed_everything(rank_seed(job.train.seed, reporter.rank))
     optimizer = torch.optim.AdamW(model.param_groups(job.train.lr, job.train.text_lr_scale),
                                   weight_decay=job.train.weight_decay)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(job.train.lr_decay_epochs),
@@ -112,16 +123,17 @@ def fit(job: JobConfig, reporter: Reporter, device: torch.device | None = None) 
         history = restore(checkpoint_dir, model, optimizer, scheduler, device)
     net = TrainStep(model)
     if reporter.world_size > 1:
-        # Some switches leave parameters unused (e.g. a learnable threshold of a disabled term).
-        net = torch.nn.parallel.DistributedDataParallel(
-            net, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
+        net = wrap_ddp(net, device)
+    # Only rank 0 evaluates: the other ranks neither build the validation loaders nor wait on the
+    # validation split's text cache.
     eval_loaders = build_eval_loaders(job.data, splits.val, tokenizer, job.train.eval_batch_size,
                                       text=frozen_text(job, model.text_encoder.backbone, splits.val,
-                                                       tokenizer, device))
+                                                       tokenizer, device)) if reporter.rank == 0 else None
     # train.batch_size is global: each of the world_size replicas takes its share.
     per_replica = max(job.train.batch_size // reporter.world_size, 2)
     loader = build_train_loader(job.data, splits.train, tokenizer, per_replica, seed=job.train.seed,
                                 rank=reporter.rank, world_size=reporter.world_size,
+                                pin_memory=device.type == "cuda",
                                 text=frozen_text(job, model.text_encoder.backbone, splits.train,
                                                  tokenizer, device))
     for epoch in range(len(history), job.train.epochs):
@@ -184,32 +196,32 @@ def checkpoint_metrics(metrics: dict[str, float], history: list[dict[str, float]
 
 def train_one_epoch(net, model: ITMModel, loader, optimizer, job: JobConfig, epoch: int, device) -> dict[str, float]:
     """One pass over ``loader`` (``net`` is ``TrainStep(model)``, maybe DDP-wrapped); returns the
-    epoch's mean loss terms and stats."""
+    epoch's mean loss terms and stats.
+
+    No host sync per step: the terms and stats are summed on the device (``StepStats``) and read
+    once at the end; the non-finite flag is read every ``LOG_EVERY`` steps. A NaN/inf loss therefore
+    raises ``NonFiniteLossError`` at the next read, not at its own step; the steps in between train
+    on (NaN) parameters, but nothing of the epoch is reported or checkpointed (see ``StepStats``)."""
     net.train()
-    sums: dict[str, float] = {}
+    stats = StepStats(epoch)
     budget: dict[str, float] = {}
-    steps = 0
     for step, batch in enumerate(loader):
         if job.train.max_steps_per_epoch and step >= job.train.max_steps_per_epoch:
             break
-        batch = {key: value.to(device, non_blocking=True) for key, value in batch.items()}
+        batch = device_batch(batch, device, job.data.region_dropout)  # move, upcast, region dropout
         if step == 0:  # once per epoch: a few extra backward passes through the encoders
             budget = measure_budget(model, batch, job, epoch, device)
         with autocast(device, job.train.precision):
             losses = net(batch, epoch)
-        total, terms, stats = losses.total(), losses.terms, losses.stats
-        if not torch.isfinite(total):
-            values = ", ".join(f"{k}={v.item():.4g}" for k, v in terms.items())
-            raise NonFiniteLossError(f"non-finite loss at epoch {epoch + 1} step {step + 1} ({values})")
+        total = losses.total()
         optimizer.zero_grad(set_to_none=True)
         total.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), job.train.grad_clip)
         optimizer.step()
-        record = {"loss": total.item(), **{f"loss_{k}": v.item() for k, v in terms.items()}, **stats}
-        for key, value in record.items():
-            sums[key] = sums.get(key, 0.0) + float(value)
-        steps += 1
-    return {key: value / max(steps, 1) for key, value in sums.items()} | budget | {"steps": steps}
+        stats.add(total, losses)
+        if stats.steps % LOG_EVERY == 0:
+            stats.check()
+    return stats.means() | budget | {"steps": stats.steps}
 
 
 def measure_budget(model: ITMModel, batch: dict, job: JobConfig, epoch: int, device) -> dict[str, float]:
@@ -245,11 +257,16 @@ def publish(reporter: Reporter, history: list[dict[str, float]], model, optimize
         reporter.report(history[-1], tmp)
 
 
-def restore(checkpoint_dir: str | None, model, optimizer, scheduler, device) -> list[dict[str, float]]:
-    """Load a checkpoint written by ``publish``; returns the history of the epochs it covers."""
+def restore(checkpoint_dir: str | None, model, optimizer, scheduler, device=None) -> list[dict[str, float]]:
+    """Load a checkpoint written by ``publish``; returns the history of the epochs it covers.
+
+    Loaded onto the CPU: ``load_state_dict`` moves the weights and AdamW's moments to each parameter's
+    device but leaves AdamW's ``step`` counters where they were loaded. On the GPU (the old
+    ``map_location=device``), foreach AdamW reads every counter with ``.item()``: a host sync per
+    parameter in every step after a resume. (``device`` is unused, kept for callers.)"""
     if checkpoint_dir is None:
         return []
-    state = torch.load(os.path.join(checkpoint_dir, CHECKPOINT_FILE), map_location=device, weights_only=True)
+    state = torch.load(os.path.join(checkpoint_dir, CHECKPOINT_FILE), map_location="cpu", weights_only=True)
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])

@@ -13,15 +13,21 @@ from trainables.config import ModelConfig, TrainConfig
 from trainables.encoders import ImageEncoder, TextEncoder
 from trainables.losses import hinge_triplet, infonce, same_image_mask
 from trainables.pooling import build_pooling
+from trainables.precision import full_precision, upcast
 
 
 @dataclass
 class LossOutput:
-    """What a method's ``loss_terms`` returns; the loop forms ``sum(weights[k] * terms[k])``."""
+    """What a method's ``loss_terms`` returns; the loop forms ``sum(weights[k] * terms[k])``.
+
+    ``stats`` are detached 0-dim tensors on the batch's device (python floats are still accepted):
+    the loop sums them on the device and reads them once per epoch, so a method never syncs the
+    host for a diagnostic.
+    """
 
     terms: dict[str, Tensor]
     weights: dict[str, float] = field(default_factory=dict)  # missing key = weight 1
-    stats: dict[str, float] = field(default_factory=dict)  # detached diagnostics, logged per epoch
+    stats: dict[str, Tensor | float] = field(default_factory=dict)  # detached diagnostics, logged per epoch
 
     def total(self) -> Tensor:
         return sum(self.weights.get(name, 1.0) * value for name, value in self.terms.items())
@@ -77,8 +83,10 @@ class ITMModel(nn.Module):
         return {"tokens": tokens, "mask": mask, "emb": F.normalize(self.text_pool(tokens, mask), dim=-1)}
 
     def similarity(self, img_emb: Tensor, txt_emb: Tensor) -> Tensor:
-        """[N, d] x [M, d] -> [N, M] retrieval scores."""
-        return img_emb @ txt_emb.t()
+        """[N, d] x [M, d] -> [N, M] retrieval scores, in float32 even under autocast: bf16 cosines
+        are quantised to ~0.004 (``trainables/precision.py``), and [N, M] is cheap next to the encoders."""
+        with full_precision(img_emb.device):
+            return upcast(img_emb) @ upcast(txt_emb).t()
 
     def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         img = self.encode_image(batch["images"], batch["region_mask"])

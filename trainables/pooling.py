@@ -1,4 +1,9 @@
-"""Pool token embeddings [B, N, d] with a validity mask [B, N] into one vector per sample [B, d]."""
+"""Pool token embeddings [B, N, d] with a validity mask [B, N] into one vector per sample [B, d].
+
+Pooling runs in float32 with autocast off (``trainables/precision.py``), whatever the encoders ran
+in: its outputs are the retrieval embeddings, and GPO's GRU would otherwise run in fp16 under CUDA
+autocast. Nothing here reads a tensor on the host: shapes depend only on the input's shapes.
+"""
 
 from __future__ import annotations
 
@@ -6,19 +11,30 @@ import math
 
 import torch
 from torch import Tensor, nn
-from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from trainables.errors import ConfigError
+from trainables.precision import full_precision, upcast
 
 
-class MeanPool(nn.Module):
+class Pooling(nn.Module):
+    """Base class: ``forward`` = ``pool`` on float32 tokens with autocast off."""
+
     def forward(self, tokens: Tensor, mask: Tensor) -> Tensor:
+        with full_precision(tokens.device):
+            return self.pool(upcast(tokens), mask)
+
+    def pool(self, tokens: Tensor, mask: Tensor) -> Tensor:
+        raise NotImplementedError
+
+
+class MeanPool(Pooling):
+    def pool(self, tokens: Tensor, mask: Tensor) -> Tensor:
         weights = mask.unsqueeze(-1).to(tokens.dtype)
         return (tokens * weights).sum(1) / weights.sum(1).clamp_min(1.0)
 
 
-class MaxPool(nn.Module):
-    def forward(self, tokens: Tensor, mask: Tensor) -> Tensor:
+class MaxPool(Pooling):
+    def pool(self, tokens: Tensor, mask: Tensor) -> Tensor:
         return tokens.masked_fill(~mask.unsqueeze(-1), float("-inf")).amax(1)
 
 
@@ -32,13 +48,18 @@ def positional_encoding(length: int, dim: int, device: torch.device, dtype=torch
     return pe
 
 
-class GPO(nn.Module):
+class GPO(Pooling):
     """Generalised Pooling Operator (VSE∞, Chen et al. CVPR 2021).
 
     Each feature dimension is sorted in descending order over the valid tokens, then averaged with
     per-rank weights that a small BiGRU produces from positional encodings of the ranks. The
     weights depend only on the number of valid tokens, so GPO interpolates between mean pooling
     (uniform weights), max pooling (all weight on rank 0) and everything in between.
+
+    Because the weights depend only on the length, they are computed once per call for every length
+    the input's shape allows (a [N, N] table) and looked up per sample: the same numbers as VSE∞'s
+    packed per-sample BiGRU, with no lengths on the host (``pack_padded_sequence`` needs them there,
+    a device sync every step) and N + 1 GRU sequences instead of B.
     """
 
     def __init__(self, d_pe: int = 32, d_hidden: int = 32):
@@ -47,30 +68,46 @@ class GPO(nn.Module):
         self.gru = nn.GRU(d_pe, d_hidden, batch_first=True, bidirectional=True)
         self.linear = nn.Linear(d_hidden, 1, bias=False)
 
-    def rank_weights(self, lengths: Tensor, max_len: int) -> Tensor:
-        """Softmax weights over ranks [B, max_len, 1]; zero beyond each sample's length."""
-        batch = lengths.shape[0]
-        ranks = torch.arange(max_len, device=lengths.device).expand(batch, max_len)
-        valid = (ranks < lengths.unsqueeze(1)).unsqueeze(-1)
-        pes = positional_encoding(max_len, self.d_pe, lengths.device, self.linear.weight.dtype).expand(batch, -1, -1)
-        packed = pack_padded_sequence(pes * valid, lengths.cpu(), batch_first=True, enforce_sorted=False)
-        out, _ = self.gru(packed)
-        out, _ = pad_packed_sequence(out, batch_first=True, total_length=max_len)
+    def weight_table(self, size: int, device: torch.device) -> Tensor:
+        """Softmax weights over ranks for every length: [size, size], row l - 1 for l valid tokens,
+        zero beyond rank l - 1.
+
+        The forward GRU direction at rank t reads ranks 0..t only, so one full sequence serves every
+        length. The backward direction of length l must start at rank l - 1 with a zero state (what
+        packing does): row l of the batch holds ranks 0..l-1 right-aligned behind zeros, which the
+        backward pass reads last.
+        """
+        pe = positional_encoding(size, self.d_pe, device, self.linear.weight.dtype)  # [S, p]
+        ranks = torch.arange(size, device=device)
+        lengths = ranks + 1
+        shift = (size - lengths).unsqueeze(1)  # [S, 1]: where rank 0 of length l sits, right-aligned
+        rank_at = ranks.unsqueeze(0) - shift  # [S (length), S (position)]; < 0: padding
+        right_aligned = pe[rank_at.clamp_min(0)] * (rank_at >= 0).unsqueeze(-1).to(pe.dtype)
+        out, _ = self.gru(torch.cat([pe.unsqueeze(0), right_aligned]))  # [S + 1, S, 2h]
         half = out.shape[-1] // 2
-        scores = self.linear((out[..., :half] + out[..., half:]) / 2)
-        scores = scores.masked_fill(~valid, -1e4)
+        forward = out[0, :, :half]  # [S (rank), h]
+        position = (ranks.unsqueeze(0) + shift).clamp_max(size - 1)  # [S, S]: rank t of length l
+        backward = out[1:, :, half:].gather(1, position.unsqueeze(-1).expand(-1, -1, half))  # [S, S, h]
+        scores = self.linear((forward.unsqueeze(0) + backward) / 2).squeeze(-1)  # [S, S]
+        scores = scores.masked_fill(ranks.unsqueeze(0) >= lengths.unsqueeze(1), -1e4)
         return torch.softmax(scores / 0.1, dim=1)  # temperature 0.1 as in VSE∞
 
-    def forward(self, tokens: Tensor, mask: Tensor) -> Tensor:
+    def rank_weights(self, lengths: Tensor, max_len: int) -> Tensor:
+        """Softmax weights over ranks [B, max_len, 1] of lengths [B] (1 <= length <= max_len);
+        zero beyond each sample's length."""
+        with full_precision(lengths.device):
+            table = self.weight_table(max_len, lengths.device)
+        return table.index_select(0, lengths - 1).unsqueeze(-1)
+
+    def pool(self, tokens: Tensor, mask: Tensor) -> Tensor:
+        size = tokens.shape[1]
         lengths = mask.sum(1).clamp_min(1)
         # Masked tokens sort to the end (very negative), then contribute 0 with weight 0.
         fill = torch.finfo(tokens.dtype).min
         ordered = tokens.masked_fill(~mask.unsqueeze(-1), fill).sort(dim=1, descending=True).values
-        max_len = int(lengths.max())
-        ordered = ordered[:, :max_len]
-        rank_valid = torch.arange(max_len, device=tokens.device).unsqueeze(0) < lengths.unsqueeze(1)
+        rank_valid = torch.arange(size, device=tokens.device).unsqueeze(0) < lengths.unsqueeze(1)
         ordered = ordered.masked_fill(~rank_valid.unsqueeze(-1), 0.0)
-        weights = self.rank_weights(lengths, max_len).to(ordered.dtype)
+        weights = self.rank_weights(lengths, size).to(ordered.dtype)
         return (ordered * weights).sum(1)
 
 

@@ -4,13 +4,17 @@
   ``TorchTrainer``: gloo on CPU, NCCL on CUDA);
 - ``build_trainer`` builds the ``TorchTrainer`` for a job (used by ``study train`` and by a Tune trial
   with several workers);
-- ``TuneReporter`` lets a Tune trial run ``fit`` directly (the one-worker path, no Train start-up).
+- ``TuneReporter`` lets a Tune trial run ``fit`` directly (``fit_in_trial``: the one-worker path, no
+  Train start-up);
+- ``assigned_device``: the device Ray assigned this process (``trainables/device.py``), never simply a
+  visible GPU.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -18,9 +22,11 @@ from dataclasses import dataclass
 import ray.exceptions
 import ray.train
 import ray.tune
-from ray.train.torch import TorchTrainer
+import torch
+from ray.train.torch import TorchTrainer, get_device
 
 from trainables.config import JobConfig
+from trainables.device import cap_memory, resolve_device
 from trainables.errors import ITMError
 from trainables.loop import fit
 from trainables.progress import Progress
@@ -42,6 +48,17 @@ def quiet_ray_logs() -> None:
     from ray.train.v2._internal.execution import context
 
     logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
+def assigned_device(gpus_per_worker: float, train_worker: bool) -> torch.device:
+    """This process's device as Ray assigned it (``trainables/device.py``): the CPU unless Ray gave it
+    GPUs; in a Train worker Ray Train's own ``get_device()``, in a Tune trial the first GPU of
+    ``ray.get_gpu_ids()``. A fractional worker is held to its share of the GPU's memory."""
+    gpu_ids = ray.get_gpu_ids()
+    device = resolve_device(gpu_ids, torch.cuda.is_available(), os.environ.get("CUDA_VISIBLE_DEVICES"),
+                            ray_device=get_device() if train_worker and gpu_ids else None)
+    cap_memory(device, gpus_per_worker)
+    return device
 
 
 def node_id() -> str:
@@ -106,7 +123,13 @@ def train_loop_per_worker(config: dict) -> list[dict[str, float]]:
     job = JobConfig(**config["job"])
     name = config.get("progress")
     progress = Progress(lambda _config, _number: name, 1, job.train.epochs) if name else None
-    return fit(job, RayTrainReporter(progress))
+    device = assigned_device(config.get("gpus_per_worker", 0), train_worker=True)
+    return fit(job, RayTrainReporter(progress), device=device)
+
+
+def fit_in_trial(job: JobConfig, gpus_per_worker: float) -> list[dict[str, float]]:
+    """``fit`` directly inside a one-worker Tune trial, on the device Ray assigned the trial."""
+    return fit(job, TuneReporter(), device=assigned_device(gpus_per_worker, train_worker=False))
 
 
 def build_trainer(job: JobConfig, resources: WorkerResources, name: str, storage_path: str,
@@ -119,7 +142,8 @@ def build_trainer(job: JobConfig, resources: WorkerResources, name: str, storage
         per_worker["GPU"] = resources.gpus_per_worker
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"job": job.model_dump(mode="json"), "progress": name if progress else None},
+        train_loop_config={"job": job.model_dump(mode="json"), "progress": name if progress else None,
+                           "gpus_per_worker": resources.gpus_per_worker},
         scaling_config=ray.train.ScalingConfig(num_workers=resources.num_workers, use_gpu=use_gpu,
                                                resources_per_worker=per_worker),
         run_config=ray.train.RunConfig(

@@ -17,7 +17,7 @@ import pandas as pd
 
 from study.config import JOB_SECTIONS, apply_params
 from study.layout import RESULTS_FILE, ablation_dir_of, load_study_dir
-from study.results import best_trial
+from study.results import pick_trial
 from study.spaces import SHARED_SECTIONS, Param, is_active, ordered, resolve_space
 from trainables.errors import ConfigError
 from trainables.methods import Ablation, get_method
@@ -102,19 +102,22 @@ def searched_values(best: dict, params: dict[str, Param]) -> dict:
     return values
 
 
-def best_trial_values(study_dir: Path, method: str) -> tuple[dict, dict]:
-    """The best trial's searched values (by that study's metric and mode) and where they came from."""
+def best_trial_values(study_dir: Path, method: str, pick: str | None = None) -> tuple[dict, dict]:
+    """The searched values of the trial ``pick`` names (``study/results.py`` ``pick_trial``; default:
+    the best by the study's metric, or by its first objective within its Pareto set) and where they
+    came from."""
     source, params, study_dir, _ = load_study_dir(study_dir)
     if source.method != method:
         raise ConfigError(f"--from-study {study_dir}: that study searched method {source.method!r}, "
                           f"this ablation is of {method!r}")
     table = pd.read_csv(study_dir / RESULTS_FILE, dtype={"trial_id": str})  # hex ids like "1e50a3b2" are not numbers
-    metric = source.search.metric
-    best = best_trial(table, metric, source.search.mode)
-    if best is None:
-        raise ConfigError(f"--from-study {study_dir}: no trial finished with {metric!r}; nothing to take")
-    values = searched_values(best, params)
-    info = {"from_study": str(study_dir), "trial_id": str(best["trial_id"]), metric: float(best[metric])}
+    try:
+        chosen, how = pick_trial(table, source.search.objectives, pick)
+    except ConfigError as err:
+        raise ConfigError(f"--from-study {study_dir}: {err}") from None
+    values = searched_values(chosen, params)
+    info = {"from_study": str(study_dir), "trial_id": str(chosen["trial_id"]), "pick": how}
+    info.update({name: float(chosen[name]) for name, _ in source.search.objectives if pd.notna(chosen.get(name))})
     return values, info
 
 
@@ -164,10 +167,14 @@ def row_search_study(study, row: Ablation, params: dict[str, Param], n: int, tun
     """The row's search as a search study of its own: the row's method and switches, its space
     inline, Optuna TPE + ASHA with ``n`` trials seeded by ``train.seed``, stored in ``tune_dir/<slug>``.
     Validated like any search study's space (``resolve_space``), so a bad value fails before Ray."""
+    s = study.search
+    # One metric per row search (its best trial fixes the row): the study's, or its first objective.
     values = {"name": row_slug(row.name), "storage.path": str(tune_dir), "search.space": "none",
               "search.params": {name: p.model_dump(exclude_defaults=True) for name, p in params.items()},
               "search.algorithm": "optuna-tpe", "search.scheduler": "asha", "search.num_samples": n,
-              "search.seed": study.train.seed}
+              "search.seed": study.train.seed, "search.metric": s.primary, "search.mode": s.primary_mode,
+              "search.warm_start": ["defaults"] if "defaults" in (s.warm_start or []) else None,
+              "search.pbt": {}}
     where = f"--tune-rows, row {row.name!r}"
     try:
         search = apply_params(row_study(study, row), values, where)
@@ -195,14 +202,14 @@ def row_searches(study, rows: tuple[Ablation, ...], n: int) -> tuple[dict, dict]
     whole = resolve_space(apply_params(study, {"search.algorithm": "optuna-tpe"}, "--tune-rows"))
     tune_dir = ablation_dir_of(study) / TUNE_DIR
     s = study.search
-    source = {"tune_rows": n, "metric": s.metric, "mode": s.mode, "rows": {}}
+    source = {"tune_rows": n, "metric": s.primary, "mode": s.primary_mode, "rows": {}}
     searches = {}
     for row in rows:
         params = restrict_space(whole, row_study(study, row))
         if params:
             searches[row.name] = row_search_study(study, row, params, n, tune_dir)
         else:
-            source["rows"][row.name] = no_search(s.metric)
+            source["rows"][row.name] = no_search(s.primary)
     return searches, source
 
 
@@ -240,22 +247,27 @@ def describe_source(source: dict) -> list[str]:
     return lines
 
 
-def check_sources(from_study: str | None, tune_rows: int | None) -> None:
-    """``--from-study`` (one search for all rows) and ``--tune-rows`` (one per row) exclude each other."""
+def check_sources(from_study: str | None, tune_rows: int | None, pick: str | None = None) -> None:
+    """``--from-study`` (one search for all rows) and ``--tune-rows`` (one per row) exclude each other;
+    ``--pick`` chooses a trial of the ``--from-study`` study."""
     if from_study is not None and tune_rows is not None:
         raise ConfigError("--from-study and --tune-rows are two sources of the rows' values: "
                           "give one of them")
+    if pick is not None and from_study is None:
+        raise ConfigError("--pick chooses a trial of the --from-study study: give --from-study too")
 
 
-def plan_ablation(study, from_study: str | None = None, tune_rows: int | None = None) -> AblationPlan:
+def plan_ablation(study, from_study: str | None = None, tune_rows: int | None = None,
+                  pick: str | None = None) -> AblationPlan:
     """Rows, seeds and one validated job per row; raises a one-line ConfigError on any problem.
-    With ``tune_rows`` the jobs are at the study's values until ``tuned_plan`` sets each row's own."""
-    check_sources(from_study, tune_rows)
+    With ``tune_rows`` the jobs are at the study's values until ``tuned_plan`` sets each row's own;
+    ``pick``: which trial of ``from_study`` (``study/results.py`` ``pick_trial``)."""
+    check_sources(from_study, tune_rows, pick)
     rows = select_rows(study.method, study.ablation.variants)
     seeds = check_seeds(list(study.ablation.seeds))
     source, searches = {}, {}
     if from_study is not None:
-        values, source = best_trial_values(find_study_dir(from_study, study.storage.path), study.method)
+        values, source = best_trial_values(find_study_dir(from_study, study.storage.path), study.method, pick)
         study = apply_params(study, values)
         source["values"] = values
     if tune_rows is not None:

@@ -77,10 +77,10 @@ def prepare(plan: AblationPlan, ablation_dir: Path) -> str:
 
 
 def run_ablation(study, from_study: str | None = None, address: str | None = None,
-                 tune_rows: int | None = None) -> AblationOutcome:
+                 tune_rows: int | None = None, pick: str | None = None) -> AblationOutcome:
     """Validate rows, seeds, fixed hyperparameters (or every row's search space) and data, then
     search each row (``tune_rows``), run the grid and write the table."""
-    plan = plan_ablation(study, from_study, tune_rows)
+    plan = plan_ablation(study, from_study, tune_rows, pick)
     check_study(plan.study)
     ablation_dir = ablation_dir_of(plan.study)
     state = state_of(ablation_dir)  # like `study run`: an existing ablation is never overwritten

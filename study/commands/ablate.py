@@ -17,6 +17,9 @@ def add_parser(sub) -> None:
     parser.add_argument("--from-study", default=None, metavar="DIR_OR_NAME",
                         help="fix the hyperparameters at the best trial of this earlier study "
                              "(a study directory, or a study name under storage.path)")
+    parser.add_argument("--pick", default=None, metavar="RULE",
+                        help="which trial of --from-study: best:METRIC (best by that objective, within the "
+                             "Pareto set of a multi-objective study; default: the first objective) or trial:ID")
     parser.add_argument("--tune-rows", type=int, default=None, metavar="N",
                         help="give every row (base included) its own N-trial search (TPE + ASHA, the study's "
                              "search space less what the row switches off) and run each at its best values")
@@ -29,7 +32,7 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    check_sources(args.from_study, args.tune_rows)
+    check_sources(args.from_study, args.tune_rows, args.pick)
     if args.resume and (args.from_study is not None or args.tune_rows is not None):
         flag = "--from-study" if args.from_study is not None else "--tune-rows"
         raise ConfigError("--resume continues with the values (or row searches) the ablation started "
@@ -44,9 +47,12 @@ def run(args) -> int:
         outcome = resume_ablation(study, address=args.address)
     else:
         outcome = run_ablation(study, from_study=args.from_study, address=args.address,
-                               tune_rows=args.tune_rows)
+                               tune_rows=args.tune_rows, pick=args.pick)
     for line in describe_source(outcome.source):
         print("row search: " + line)
+    if "pick" in outcome.source:
+        print(f"values  : trial {outcome.source['trial_id']} of {outcome.source['from_study']} "
+              f"({outcome.source['pick']})")
     if outcome.markdown:
         print("\n" + outcome.markdown)
         print("table   : " + ", ".join(str(path) for path in outcome.files))

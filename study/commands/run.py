@@ -51,9 +51,18 @@ def write_report(study_dir) -> str:
         return f"not written ({type(err).__name__}: {err}); retry with `python -m study report {study_dir}`"
 
 
+def print_pareto(pareto: list[dict], objectives: list[tuple[str, str]]) -> None:
+    """Several objectives: the Pareto set, one line per trial, best first by the first objective."""
+    print(f"Pareto set of {len(pareto)} trial(s) over " + ", ".join(f"{n} ({m})" for n, m in objectives) + ":")
+    for row in pareto:
+        print(f"  {row['trial_id']}: " + ", ".join(f"{name} = {row[name]:.4g}" for name, _ in objectives))
+
+
 def report(outcome, study) -> int:
     print(f"\n{study.name}: {outcome.n_trials} trials of {study.method}")
-    if outcome.best is None:
+    if outcome.pareto:
+        print_pareto(outcome.pareto, study.search.objectives)
+    elif outcome.best is None:
         print("no trial finished with a metric")
     else:
         metric = study.search.metric
@@ -68,4 +77,4 @@ def report(outcome, study) -> int:
     if outcome.interrupted:
         print(f"interrupted: continue with `python -m study resume {outcome.study_dir}`")
         return 130
-    return 0 if outcome.best is not None else 1
+    return 0 if outcome.best is not None or outcome.pareto else 1

@@ -34,6 +34,8 @@ def run(args) -> int:
     print_metrics(result.final, title=f"{study.name}: {study.method}, {study.train.epochs} epochs")
     print(f"\nrun directory : {result.run_dir}")
     print(f"MLflow        : mlflow ui --backend-store-uri {study.tracking.uri}  (run '{result.run_name}')")
+    if result.tracking_kept:
+        print(result.tracking_kept, file=sys.stderr)
     return 0
 
 

@@ -23,9 +23,19 @@ from study.ablation.stats import reference_of
 from study.ablation.tracking import publish_table
 from study.layout import OPTUNA_JOURNAL, REPORT_DIR, RESULTS_FILE, load_stored_study, load_study_dir, read_parent
 from study.report.html import html_page
-from study.report.plots import BLOCK_TITLES, as_flag, forest_plot, grid_figures, optuna_figures
-from study.report.trial_dirs import read_trial_dirs
-from study.results import BUDGET_PREFIX, RETRIEVAL
+from study.report.plots import (
+    BLOCK_TITLES,
+    SCHEDULE_FILE,
+    Figures,
+    as_flag,
+    forest_plot,
+    grid_figures,
+    optuna_figures,
+    schedule_figure,
+)
+from study.report.trial_dirs import read_schedules, read_trial_dirs
+from study.results import BUDGET_PREFIX, RETRIEVAL, SCHEDULES_FILE, judged, pareto_trials
+from study.spaces import WARM_START_KEY
 from trainables.errors import ConfigError
 
 
@@ -61,16 +71,47 @@ def fmt(value) -> str:
     return str(value)
 
 
-def top_trials(trials: pd.DataFrame, params: list[str], metric: str, mode: str, k: int) -> pd.DataFrame:
-    """The best ``k`` trials by ``metric`` as display strings: rank, id, status, values, metrics."""
+def top_trials(trials: pd.DataFrame, params: list[str], metric: str, mode: str, k: int,
+               also: tuple[str, ...] = ()) -> pd.DataFrame:
+    """The best ``k`` trials by ``metric`` as display strings: rank, id, status, warm-start label (when
+    the study had warm-start trials), values, metrics (``also``: other objectives, shown after it)."""
     done = trials.dropna(subset=[metric]) if metric in trials else trials.iloc[0:0]
     ranked = done.sort_values(metric, ascending=mode == "min").head(k)
-    shown = [m for m in (metric, *RETRIEVAL) if m in ranked]
-    table = pd.DataFrame({c: ranked[c].map(fmt) for c in ("trial_id", "status", "epochs", *params) if c in ranked})
-    for name in dict.fromkeys(shown):
-        table[name] = ranked[name].map(lambda v: f"{v:.1f}")
+    return display_rows(ranked, params, (metric, *also))
+
+
+def display_rows(ranked: pd.DataFrame, params: list[str], metrics: tuple[str, ...]) -> pd.DataFrame:
+    """Trials in the given order as display strings, ranked 1, 2, ..."""
+    columns = ("trial_id", "status", WARM_START_KEY, "epochs", *params)
+    table = pd.DataFrame({c: ranked[c].map(lambda v: "" if v != v else fmt(v)) if c == WARM_START_KEY
+                          else ranked[c].map(fmt) for c in columns if c in ranked})
+    for name in dict.fromkeys(m for m in (*metrics, *RETRIEVAL) if m in ranked):
+        table[name] = ranked[name].map(lambda v: "–" if v != v else (f"{v:.1f}" if name in RETRIEVAL else f"{v:.4g}"))
     table.insert(0, "rank", range(1, len(table) + 1))
     return table
+
+
+def study_figures(study, params: dict, trials: pd.DataFrame, study_dir: Path, out: Path,
+                  notes: list[str]) -> Figures:
+    """Optuna's plots from the journal (TPE, random); the per-parameter plots from the trial table
+    (grid, PBT, or no journal); for PBT also the weight schedules of the top trials."""
+    s, names = study.search, list(params)
+    journal = study_dir / OPTUNA_JOURNAL
+    if s.algorithm not in ("grid", "pbt") and journal.is_file():
+        return optuna_figures(journal, study.name, s.objectives, names, out)
+    if s.algorithm not in ("grid", "pbt"):
+        notes.append("No Optuna journal in the study directory: figures were drawn from the trial table.")
+    figures = grid_figures(trials, s.primary, names, out, "a PBT study" if s.algorithm == "pbt" else "a grid study")
+    if s.algorithm == "pbt":
+        top = judged(trials, [s.primary]).sort_values(s.primary, ascending=s.primary_mode == "min").head(5)
+        log_scale = {name for name, param in params.items() if param.type == "loguniform" or param.log}
+        schedules = read_schedules(study_dir / SCHEDULES_FILE, list(top["trial_id"].astype(str)), names)
+        path = schedule_figure(schedules, names, log_scale, out / SCHEDULE_FILE, s.primary)
+        if path is None:
+            figures.notes.append(f"No {SCHEDULES_FILE} with a reported epoch: no weight schedules to draw.")
+        else:
+            figures.files[f"Weight schedules of the top {len(top)} trials by {s.primary} (PBT)"] = path
+    return figures
 
 
 def study_report(study_dir: Path, top: int) -> Report:
@@ -78,17 +119,19 @@ def study_report(study_dir: Path, top: int) -> Report:
     trials, notes = load_trials(study_dir, study.train.epochs)
     out = study_dir / REPORT_DIR
     out.mkdir(exist_ok=True)
-    metric, names = study.search.metric, list(params)
-    journal = study_dir / OPTUNA_JOURNAL
-    if study.search.algorithm != "grid" and journal.is_file():
-        figures = optuna_figures(journal, study.name, metric, names, out)
-    else:
-        if study.search.algorithm != "grid":
-            notes.append("No Optuna journal in the study directory: figures were drawn from the trial table.")
-        figures = grid_figures(trials, metric, names, out)
-    table = top_trials(trials, names, metric, study.search.mode, top)
-    summary = summary_lines(study, trials, names)
-    tables = {f"Top {len(table)} trials by {metric}": table}
+    s, names = study.search, list(params)
+    metric = s.primary
+    figures = study_figures(study, params, trials, study_dir, out, notes)
+    others = tuple(name for name, _ in s.objectives[1:])
+    table = top_trials(trials, names, metric, s.primary_mode, top, others)
+    summary = summary_lines(study, trials, names) + warm_start_lines(trials, metric, s.primary_mode)
+    tables = {}
+    if s.multi_objective:
+        pareto = pareto_trials(trials, s.objectives)
+        count = f"{len(pareto)} trial" + ("" if len(pareto) == 1 else "s")
+        tables[f"Pareto set ({count}, best {metric} first)"] = display_rows(
+            pareto, names, tuple(name for name, _ in s.objectives))
+    tables[f"Top {len(table)} trials by {metric}"] = table
     shown = trials.set_index("trial_id").loc[list(table["trial_id"])].reset_index()
     budget = budget_table(shown, "trial_id")
     if budget is not None:
@@ -120,9 +163,29 @@ def budget_table(trials: pd.DataFrame, by: str) -> pd.DataFrame | None:
 
 def summary_lines(study, trials: pd.DataFrame, params: list[str]) -> list[str]:
     counts = ", ".join(f"{n} {status}" for status, n in trials["status"].value_counts().items())
-    return [f"Method {study.method}; {study.search.algorithm} search over {len(params)} parameter(s) "
-            f"({', '.join(params)}); {len(trials)} trials ({counts}); metric {study.search.metric} "
-            f"({study.search.mode}), {study.train.epochs} epoch(s) per trial."]
+    s = study.search
+    goal = (f"objectives {', '.join(f'{n} ({m})' for n, m in s.objectives)}, no single best trial but a "
+            "Pareto set" if s.multi_objective else f"metric {s.metric} ({s.mode})")
+    schedule = "" if s.algorithm == "pbt" else f", scheduler {s.scheduler}"
+    return [f"Method {study.method}; {s.algorithm} search over {len(params)} parameter(s) "
+            f"({', '.join(params)}); {len(trials)} trials ({counts}); {goal}{schedule}, "
+            f"{study.train.epochs} epoch(s) per trial."]
+
+
+def warm_start_lines(trials: pd.DataFrame, metric: str, mode: str) -> list[str]:
+    """One line per warm-start trial: its label, id and ``metric``, and how the study's best compares."""
+    if WARM_START_KEY not in trials:
+        return []
+    marked = trials[trials[WARM_START_KEY].fillna("").astype(str) != ""]
+    pool = judged(trials, [metric])
+    best = (pool[metric].max() if mode == "max" else pool[metric].min()) if len(pool) else float("nan")
+    lines = []
+    for _, row in marked.iterrows():
+        value = row.get(metric, float("nan"))
+        gap = "" if value != value or best != best else f"; best {metric} − this = {signed(best - value)}"
+        lines.append(f"Warm start '{row[WARM_START_KEY]}': trial {row['trial_id']} ({row['status']}), "
+                     f"{metric} {fmt(value)}{gap}.")
+    return lines
 
 
 def report_markdown(name: str, summary: list[str], tables: dict[str, pd.DataFrame], notes: list[str]) -> str:

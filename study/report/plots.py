@@ -50,8 +50,9 @@ def load_optuna_study(journal: Path, name: str) -> optuna.Study:
     return optuna.load_study(study_name=name, storage=JournalStorage(JournalFileBackend(str(journal))))
 
 
-def importances(study, params: list[str], figures: Figures) -> None:
-    """Importances by Optuna's default evaluator (PED-ANOVA in Optuna 5), or a note saying why there are none."""
+def importances(study, params: list[str], figures: Figures, target=None, target_name: str = "") -> None:
+    """Importances by Optuna's default evaluator (PED-ANOVA in Optuna 5), or a note saying why there are
+    none. ``target``: which value of a multi-objective trial (Optuna needs one number)."""
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if len(complete) < 2:
         figures.notes.append(f"Parameter importances need at least 2 completed trials; this study has {len(complete)}.")
@@ -63,25 +64,54 @@ def importances(study, params: list[str], figures: Figures) -> None:
     with warnings.catch_warnings(record=True) as caught:  # e.g. "too few trials": the report says so
         warnings.simplefilter("always", UserWarning)
         try:
-            figures.importances = optuna.importance.get_param_importances(study)
+            figures.importances = optuna.importance.get_param_importances(study, target=target)
         except (ValueError, RuntimeError) as err:  # e.g. no parameter common to every completed trial
             figures.notes.append(f"Parameter importances could not be computed: {err}")
             return
-        axes = ovm.plot_param_importances(study)  # recomputes them: inside the same warning capture
+        named = {"target": target, "target_name": target_name} if target is not None else {}
+        axes = ovm.plot_param_importances(study, **named)  # recomputes them: inside the same warning capture
     figures.notes += sorted({f"Optuna: {w.message}" for w in caught if issubclass(w.category, UserWarning)
                              and not issubclass(w.category, ExperimentalWarning)})
-    figures.files["Parameter importances (Optuna's default evaluator, PED-ANOVA)"] = save(
+    about = f" for {target_name}" if target is not None else ""
+    figures.files[f"Parameter importances{about} (Optuna's default evaluator, PED-ANOVA)"] = save(
         figure_of(axes), figures.out_dir / "importances.png")
 
 
-def optuna_figures(journal: Path, name: str, metric: str, params: list[str], out_dir: Path) -> Figures:
-    """Optimisation history, parallel coordinates, metric vs each parameter, importances."""
+class Objective:
+    """One value of a multi-objective trial, for Optuna's plots (they take one number per trial)."""
+
+    def __init__(self, index: int):
+        self.index = index
+
+    def __call__(self, trial) -> float:
+        return trial.values[self.index]
+
+
+PARETO_FILE = "pareto.png"
+
+
+def pareto_front(study, names: list[str], figures: Figures) -> None:
+    """Optuna's Pareto-front plot (two or three objectives; dominated trials drawn too)."""
+    if len(names) > 3:
+        figures.notes.append(f"Optuna draws a Pareto front of two or three objectives; this study has {len(names)}.")
+        return
+    axes = ovm.plot_pareto_front(study, target_names=names)
+    figures.files["Pareto front (" + " vs ".join(names) + "; Optuna)"] = save(figure_of(axes),
+                                                                            figures.out_dir / PARETO_FILE)
+
+
+def optuna_figures(journal: Path, name: str, objectives: list[tuple[str, str]], params: list[str],
+                   out_dir: Path) -> Figures:
+    """Optimisation history, parallel coordinates, metric vs each parameter, importances; with several
+    objectives the Pareto front first and the others drawn for the first objective."""
     figures = Figures(out_dir)
     study = load_optuna_study(journal, name)
     complete = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
     if not complete:
         figures.notes.append("No completed trial in the Optuna journal yet: nothing to plot.")
         return figures
+    metric = objectives[0][0]
+    target = {"target": Objective(0)} if len(objectives) > 1 else {}
     plots = {"Optimisation history": (ovm.plot_optimization_history, "history.png"),
              "Parallel coordinates": (ovm.plot_parallel_coordinate, "parallel.png"),
              f"{metric} vs each searched parameter": (ovm.plot_slice, "slice.png")}
@@ -90,17 +120,22 @@ def optuna_figures(journal: Path, name: str, metric: str, params: list[str], out
         figures.notes.append("Parallel coordinates and per-parameter plots need at least 2 completed trials.")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ExperimentalWarning)  # Optuna marks its matplotlib backend experimental
+        if target:
+            pareto_front(study, [n for n, _ in objectives], figures)
         for caption, (plot, file) in plots.items():
-            figures.files[caption] = save(figure_of(plot(study, target_name=metric)), out_dir / file)
-        importances(study, params, figures)
+            about = f" of {metric}" if target and caption == "Optimisation history" else ""
+            figures.files[caption + about] = save(figure_of(plot(study, target_name=metric, **target)), out_dir / file)
+        importances(study, params, figures, target.get("target"), metric)
     return figures
 
 
-def grid_figures(trials: pd.DataFrame, metric: str, params: list[str], out_dir: Path) -> Figures:
-    """``metric`` against each searched parameter from ``results.csv`` (grid studies)."""
+def grid_figures(trials: pd.DataFrame, metric: str, params: list[str], out_dir: Path,
+                 kind: str = "a grid study") -> Figures:
+    """``metric`` against each searched parameter from ``results.csv`` (grid and PBT studies; a PBT
+    trial's values are its last ones)."""
     figures = Figures(out_dir)
     figures.notes.append("Parameter importances need a TPE or random study (an Optuna journal); "
-                         "this is a grid study, so only the per-parameter plots are drawn.")
+                         f"this is {kind}, so only the per-parameter plots are drawn.")
     done = trials.dropna(subset=[metric]) if metric in trials else trials.iloc[0:0]
     if done.empty or not params:
         figures.notes.append(f"No trial reported {metric!r}: nothing to plot.")
@@ -227,3 +262,34 @@ def forest_plot(frame: pd.DataFrame, reference: str, out_path: Path, title: str)
     ``ablation.csv`` frame. A row without a CI (older tables, a single seed) keeps its point."""
     fig, points, notes = forest_figure(frame, reference, title)
     return Forest(save(fig, Path(out_path)) if fig is not None else None, points, notes)
+
+
+# --------------------------------------------------------------------------------------------------
+# PBT: the loss-weight schedules its trials followed
+# --------------------------------------------------------------------------------------------------
+
+SCHEDULE_FILE = "schedules.png"
+
+
+def schedule_figure(schedules: pd.DataFrame, names: list[str], log_scale: set[str], out_path: Path,
+                    metric: str) -> Path | None:
+    """One panel per mutated value: each trial's value per epoch (legend order = rank by ``metric``),
+    a ring where PBT changed it. None when no trial reported an epoch."""
+    if schedules.empty:
+        return None
+    fig, axes = plt.subplots(1, len(names), figsize=(3.8 * len(names), 3.3), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        for rank, (trial_id, rows) in enumerate(schedules.groupby("trial_id", sort=False), 1):
+            line, = ax.plot(rows["epoch"], rows[name], marker=".", label=f"#{rank} {trial_id}")
+            moved = rows[rows["changed"]]
+            ax.scatter(moved["epoch"], moved[name], s=70, facecolors="none", edgecolors=line.get_color(), zorder=3)
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+        if name in log_scale:
+            ax.set_yscale("log")
+        ax.grid(color="#eee")
+    axes[0][0].legend(fontsize=7.5, title=f"rank by {metric}", title_fontsize=8)
+    fig.suptitle("PBT weight schedules (ring: values changed by an exploit/explore step)", fontsize=10)
+    fig.tight_layout()
+    return save(fig, out_path)

@@ -44,3 +44,26 @@ def read_trial_dirs(run_dir: Path, epochs: int) -> pd.DataFrame:
                     and math.isfinite(v) and k not in row})
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def read_schedules(path: Path, trial_ids: list[str], names: list[str]) -> pd.DataFrame:
+    """A PBT study's ``schedules.jsonl`` (``study/tuner.py`` ``ScheduleCallback``) for ``trial_ids``, in
+    that order: columns trial_id, epoch, the names, and ``changed`` (the values differ from the
+    trial's previous epoch: PBT restarted it from a top trial's checkpoint with new values)."""
+    lines = []
+    for line in Path(path).read_text().splitlines() if Path(path).is_file() else []:
+        try:
+            lines.append(json.loads(line))
+        except json.JSONDecodeError:  # a torn last line of a killed driver
+            continue
+    found = pd.DataFrame(lines, columns=["trial_id", "training_iteration", *names])
+    rows = []
+    for trial_id in trial_ids:
+        own = found[found["trial_id"].astype(str) == str(trial_id)].drop_duplicates("training_iteration", keep="last")
+        previous = None
+        for _, line in own.sort_values("training_iteration").iterrows():
+            values = {name: line[name] for name in names}
+            rows.append({"trial_id": str(trial_id), "epoch": int(line["training_iteration"]), **values,
+                         "changed": previous is not None and values != previous})
+            previous = values
+    return pd.DataFrame(rows, columns=["trial_id", "epoch", *names, "changed"])

@@ -2,20 +2,20 @@
 
 - :mod:`trainables.data.precomp` — ``PrecompSplit`` (memory-mapped), ``validate_split``, ``check_dataset``,
   ``check_eval_protocol``
-- :mod:`trainables.data.loader`  — datasets, ``UniqueImageBatchSampler``, ``build_train_loader``,
-  ``build_eval_loaders``, ``set_epoch`` (the batch contract of docs/architecture.md)
+- :mod:`trainables.data.loader`  — batch datasets, ``UniqueImageBatchSampler``, ``build_train_loader``,
+  ``build_eval_loaders``, ``set_epoch``, ``device_batch`` (the batch contract of docs/architecture.md)
 - :mod:`trainables.data.synth`   — ``write_synth``: the embedded benchmark
 - :mod:`trainables.data.text_cache` — ``frozen_text``: a frozen text encoder's outputs, encoded once per
   split and memory-mapped (``TextFeatures``)
 """
 
 from trainables.data.loader import (
-    Collate,
     EvalLoaders,
     RandomBatchSampler,
     UniqueImageBatchSampler,
     build_eval_loaders,
     build_train_loader,
+    device_batch,
     set_epoch,
 )
 from trainables.data.precomp import (
@@ -31,8 +31,8 @@ from trainables.data.synth import SynthParams, write_synth
 from trainables.data.text_cache import TextFeatures, cached_text_features, frozen_text
 
 __all__ = [
-    "Collate", "EvalLoaders", "PrecompSplit", "RandomBatchSampler", "SynthParams", "TextFeatures",
+    "EvalLoaders", "PrecompSplit", "RandomBatchSampler", "SynthParams", "TextFeatures",
     "UniqueImageBatchSampler", "available_splits", "build_eval_loaders", "build_train_loader",
-    "cached_text_features", "check_dataset", "check_eval_protocol", "describe", "frozen_text", "set_epoch",
-    "split_files", "validate_split", "write_synth",
+    "cached_text_features", "check_dataset", "check_eval_protocol", "describe", "device_batch", "frozen_text",
+    "set_epoch", "split_files", "validate_split", "write_synth",
 ]

@@ -239,19 +239,27 @@ def writable_dir(candidates: list[Path]) -> Path:
 
 @contextlib.contextmanager
 def exclusive(lock_path: Path):
-    """Hold an exclusive ``flock`` on ``lock_path`` (released when the process dies, so never stale).
-    Where the file system has no locks (some NFS mounts) concurrent writers may both encode; the
-    atomic rename in :func:`cached_text_features` still leaves one complete entry."""
+    """Hold an exclusive ``flock`` on ``lock_path`` (released when the process dies, so never stale);
+    yields whether the lock is held. Where the file system has no locks (some NFS mounts) concurrent
+    writers may both encode; the atomic rename in :func:`cached_text_features` still leaves one
+    complete entry."""
     with open(lock_path, "a") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX)
         except OSError:
-            yield
+            yield False
             return
         try:
-            yield
+            yield True
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def remove_leftovers(base: Path, key: str) -> None:
+    """Delete half-written ``.<key>.tmp-*`` directories of encodes that were killed (SIGKILL, OOM, a
+    lost node). Only called with the key's lock held, so no live writer owns one of them."""
+    for leftover in base.glob(f".{key}.tmp-*"):
+        shutil.rmtree(leftover, ignore_errors=True)
 
 
 def publish(tmp: Path, entry: Path) -> None:
@@ -274,8 +282,10 @@ def cached_text_features(split: PrecompSplit, backbone: nn.Module, tokenizer, ma
         if complete(base / key):
             return TextFeatures(base / key)
     base = writable_dir(candidates)
-    with exclusive(base / f".{key}.lock"):
+    with exclusive(base / f".{key}.lock") as locked:
         if not complete(base / key):  # another process may have written it while we waited
+            if locked:
+                remove_leftovers(base, key)
             tmp = Path(tempfile.mkdtemp(prefix=f".{key}.tmp-", dir=base))
             try:
                 write_entry(tmp, split, backbone, tokenizer, max_length, device, parts)

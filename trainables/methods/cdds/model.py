@@ -20,6 +20,7 @@ from trainables.methods.cdds import losses as cl
 from trainables.methods.cdds.config import CddsConfig
 from trainables.methods.cdds.unet import DualPathUNet
 from trainables.model import ITMModel, LossOutput
+from trainables.precision import full_precision, upcast
 
 
 def build_unet(width: int, params: CddsConfig) -> DualPathUNet:
@@ -27,22 +28,19 @@ def build_unet(width: int, params: CddsConfig) -> DualPathUNet:
     return DualPathUNet(width, params.num_heads, params.unet_depth, groups, std, params.has_modality_path())
 
 
-def scatter_tokens(flat: Tensor, mask: Tensor) -> Tensor:
-    """Valid-token rows [N_valid, d] back to [B, N, d] (zeros at padding); inverse of ``x[mask]``."""
-    return flat.new_zeros((*mask.shape, flat.shape[-1])).index_put((mask,), flat)
-
-
 @torch.no_grad()
-def token_diagnostics(out: dict[str, Tensor], side: str) -> dict[str, float]:
-    """Collapse detectors for one side (detached): ``sem_cos`` = mean over valid tokens of
-    cos(V^s, V) (→ 1: the semantic decoder copies V through the H_0 skip) and ``mod_ratio`` = mean of
-    ‖V^m‖ / ‖V‖ (→ 0: V^m vanishes and makes L_m free)."""
-    mask, raw = out[f"{side}_mask"], out[f"{side}_raw"][out[f"{side}_mask"]].float()
-    cos = F.cosine_similarity(out[f"{side}_tokens"][mask].float(), raw, dim=-1)
-    stats = {f"sem_cos_{side}": float(cos.mean())}
+def token_diagnostics(out: dict[str, Tensor], side: str) -> dict[str, Tensor]:
+    """Collapse detectors for one side (detached 0-dim tensors): ``sem_cos`` = mean over valid tokens
+    of cos(V^s, V) (→ 1: the semantic decoder copies V through the H_0 skip) and ``mod_ratio`` = mean
+    of ‖V^m‖ / ‖V‖ (→ 0: V^m vanishes and makes L_m free). Masked means, no boolean indexing: a
+    data-dependent shape would make the host wait for the device every step."""
+    mask, raw = out[f"{side}_mask"], upcast(out[f"{side}_raw"])
+    count = mask.sum().clamp_min(1)
+    cos = F.cosine_similarity(upcast(out[f"{side}_tokens"]), raw, dim=-1)
+    stats = {f"sem_cos_{side}": torch.where(mask, cos, 0.0).sum() / count}
     if f"{side}_mod" in out:
-        ratio = out[f"{side}_mod"][mask].float().norm(dim=-1) / raw.norm(dim=-1).clamp_min(1e-12)
-        stats[f"mod_ratio_{side}"] = float(ratio.mean())
+        ratio = upcast(out[f"{side}_mod"]).norm(dim=-1) / raw.norm(dim=-1).clamp_min(1e-12)
+        stats[f"mod_ratio_{side}"] = torch.where(mask, ratio, 0.0).sum() / count
     return stats
 
 
@@ -172,36 +170,52 @@ class CddsModel(ITMModel):
 
     def sample(self, out: dict[str, Tensor]) -> dict[str, Tensor]:
         """Related semantics (CDDS 2) + distribution sampling (CDDS 3) over the (gathered) batch's
-        valid tokens -> img_x, txt_x [B, *, d], their pooled unit-norm img_x_emb, txt_x_emb, and W of
-        each side (w_img, w_txt [d, d]). In training it also updates the running per-column quantiles
-        that retrieval samples with."""
-        img_sem, img_mask = out["img_tokens"], out["img_mask"]
-        txt_sem, txt_mask = out["txt_tokens"], out["txt_mask"]
+        valid tokens -> img_x, txt_x [B, *, d] (0 at padding), their pooled unit-norm img_x_emb,
+        txt_x_emb, and W of each side (w_img, w_txt [d, d]). In training it also updates the running
+        per-column quantiles that retrieval samples with.
+
+        One sort per modality (``sort_columns``) serves both W's column distributions, the other
+        side's sampling and the running quantiles; padding is masked, never indexed away, so no
+        shape depends on the data."""
         args, k = self.related_args(), self.params.quantile_positions
-        # KL differences between columns are small; bf16 autocast would round them away.
-        with torch.autocast(img_sem.device.type, enabled=False):
-            v, t = img_sem[img_mask].float(), txt_sem[txt_mask].float()
-            w_img, _ = cl.related_semantics(v, t, self.threshold_img.float(), *args, num_positions=k)
-            w_txt, _ = cl.related_semantics(t, v, self.threshold_txt.float(), *args, num_positions=k)
-            img_x = scatter_tokens(cl.distribution_sample(v, t, w_img), img_mask).to(img_sem.dtype)
-            txt_x = scatter_tokens(cl.distribution_sample(t, v, w_txt), txt_mask).to(txt_sem.dtype)
+        # KL differences between columns are small; bf16 would round them away. The loop already runs
+        # loss_terms in its fp32 island; this keeps any other caller's autocast out as well.
+        with full_precision(out["img_tokens"].device):
+            tables, sorted_, positions, counts = {}, {}, {}, {}
+            for side in ("img", "txt"):
+                tokens, mask = upcast(out[f"{side}_tokens"]).flatten(0, 1), out[f"{side}_mask"].flatten()
+                sorted_[side], positions[side], counts[side] = cl.sort_columns(tokens, mask)
+                tables[side] = cl.resample_sorted(sorted_[side], k, counts[side])  # [K, d]
+            sampled = {}
+            for side, other in (("img", "txt"), ("txt", "img")):
+                alpha = (self.threshold_img if side == "img" else self.threshold_txt).to(tables[side].dtype)
+                w, _ = cl.related_semantics_of_tables(tables[side], tables[other], alpha, *args)
+                mask = out[f"{side}_mask"]
+                mapped = cl.sample_sorted(sorted_[other], w, positions[side], counts[other])
+                sampled[f"{side}_x"] = torch.where(mask.unsqueeze(-1), mapped.view(*mask.shape, -1), 0.0)
+                sampled[f"w_{side}"] = w
             if self.training:
-                self.update_quantiles(v.detach(), t.detach())
-        return {"img_x": img_x, "txt_x": txt_x, "w_img": w_img, "w_txt": w_txt,
-                "img_x_emb": F.normalize(self.image_pool(img_x, img_mask), dim=-1),
-                "txt_x_emb": F.normalize(self.text_pool(txt_x, txt_mask), dim=-1)}
+                self.blend_quantiles(tables["img"].detach(), tables["txt"].detach())
+        for side, pool in (("img", self.image_pool), ("txt", self.text_pool)):
+            sampled[f"{side}_x_emb"] = F.normalize(pool(sampled[f"{side}_x"], out[f"{side}_mask"]), dim=-1)
+        return sampled
 
     @torch.no_grad()
     def update_quantiles(self, image: Tensor, text: Tensor) -> None:
-        """Running per-column quantiles (``resample_columns`` at K positions): the n-th batch enters
-        with weight max(1/n, momentum), i.e. the plain average of the batches so far until 1/momentum
-        batches, an EMA after that (no start-up bias towards the untrained first batch). A convex
-        combination of ascending columns stays ascending. Every DDP rank sees the same gathered batch,
-        so the buffers stay equal across ranks."""
+        """Blend one batch's valid tokens (image [N_v, d], text [N_t, d]) into the running quantiles."""
         k = self.params.quantile_positions
+        self.blend_quantiles(cl.resample_columns(image, k), cl.resample_columns(text, k))
+
+    @torch.no_grad()
+    def blend_quantiles(self, image: Tensor, text: Tensor) -> None:
+        """Running per-column quantiles from one batch's tables (``resample_sorted`` at K positions,
+        [K, d] each): the n-th batch enters with weight max(1/n, momentum), i.e. the plain average of
+        the batches so far until 1/momentum batches, an EMA after that (no start-up bias towards the
+        untrained first batch). A convex combination of ascending columns stays ascending. Every DDP
+        rank sees the same gathered batch, so the buffers stay equal across ranks."""
         weight = (1.0 / (self.quantile_updates + 1).float()).clamp_min(self.params.quantile_momentum)
-        self.quantiles_img.lerp_(cl.resample_columns(image, k), weight.to(image.dtype))
-        self.quantiles_txt.lerp_(cl.resample_columns(text, k), weight.to(text.dtype))
+        self.quantiles_img.lerp_(image, weight.to(image.dtype))
+        self.quantiles_txt.lerp_(text, weight.to(text.dtype))
         self.quantile_updates += 1
 
     def semantic_term(self, out: dict[str, Tensor], sampled: dict[str, Tensor], image_ids: Tensor,
@@ -250,19 +264,20 @@ class CddsModel(ITMModel):
         return LossOutput(terms=terms, weights={name: weights[name] for name in terms},
                           stats=self.stats(out, sampled))
 
-    def stats(self, out: dict[str, Tensor], sampled: dict[str, Tensor]) -> dict[str, float]:
-        """Detached per-step diagnostics: W's effective support per side (``support_*`` = mean over
-        rows of exp H(W_i·), in columns), the mean threshold α, the reconstruction weights and, with a
-        UNet, the collapse detectors ``sem_cos_*`` and ``mod_ratio_*`` (``token_diagnostics``)."""
+    def stats(self, out: dict[str, Tensor], sampled: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Detached per-step diagnostics, 0-dim device tensors (the loop reads them once per epoch):
+        W's effective support per side (``support_*`` = mean over rows of exp H(W_i·), in columns),
+        the mean threshold α, the reconstruction weights and, with a UNet, the collapse detectors
+        ``sem_cos_*`` and ``mod_ratio_*`` (``token_diagnostics``)."""
         stats = {}
         if sampled:
             for side in ("img", "txt"):
-                stats[f"support_{side}"] = float(cl.effective_support(sampled[f"w_{side}"].detach()))
+                stats[f"support_{side}"] = cl.effective_support(sampled[f"w_{side}"].detach())
             alphas = torch.cat([self.threshold_img.detach(), self.threshold_txt.detach()])
-            stats["threshold_alpha"] = float(alphas.mean())
+            stats["threshold_alpha"] = alphas.mean()
         for name in ("w_s", "w_m", "w_x"):
             if hasattr(self, name):
-                stats[name] = float(getattr(self, name).detach())
+                stats[name] = getattr(self, name).detach().clone()
         if self.params.use_unet:
             for side in ("img", "txt"):
                 stats.update(token_diagnostics(out, side))

@@ -42,64 +42,101 @@ def cross_attend(regions: Tensor, region_mask: Tensor, words: Tensor, word_mask:
     return region_to_word @ words, word_to_region.transpose(1, 2) @ regions
 
 
-def subsample(count: int, n: int, generator: torch.Generator | None = None) -> Tensor:
-    """``min(n, count)`` of the positions ``range(count)``, ascending [n] int64 (CPU).
+_PRIME = 2**31 - 1  # residues below it multiply without overflowing int64
+_SCRAMBLE = (1_103_515_245, 1_597_334_677, 2_045_278_849)
 
-    All of them when ``n >= count``; otherwise a uniformly random subset without replacement drawn
-    from ``generator`` (the global RNG when None). Random rather than evenly strided: with a stride
-    that divides the number of region slots (e.g. 128 x 36 regions, 512 rows: stride 9) even
-    subsampling would only ever pick slots 0, 9, 18, 27 of every image.
-    """
-    if n >= count:
-        return torch.arange(count)
-    return torch.randperm(count, generator=generator)[:n].sort().values
+
+def _scramble(x: Tensor) -> Tensor:
+    """A fixed pseudo-random map of int64 residues in [0, _PRIME) to themselves (multiply-xorshift
+    rounds; the xorshift makes it non-affine, so neighbouring slots get unrelated keys)."""
+    for factor in _SCRAMBLE:
+        x = (x * factor) % _PRIME
+        x = x ^ (x >> 13)
+    return x % _PRIME
+
+
+def batch_seed(image_ids: Tensor) -> Tensor:
+    """A seed [] int64 computed on the device from the batch's image ids (order included): every
+    DDP rank sees the same gathered batch and so draws the same rows, each batch draws new ones,
+    training's RNG is left alone, and the host never reads the ids (a sync per step)."""
+    position = torch.arange(image_ids.shape[0], device=image_ids.device)
+    keyed = _scramble((_scramble(image_ids.long() % _PRIME) + position) % _PRIME)
+    return _scramble(keyed.sum() % _PRIME)
+
+
+def random_keys(seed: Tensor, count: int, salt: int = 0) -> Tensor:
+    """Pseudo-random sort keys [count] int64 in [0, _PRIME) for the positions ``range(count)``, a
+    function of ``seed`` [] and ``salt`` only (no RNG state): sorting by them is a random order."""
+    slots = torch.arange(count, device=seed.device)
+    return _scramble((_scramble((seed + salt) % _PRIME) + slots) % _PRIME)
+
+
+def pick_valid(valid: Tensor, keys: Tensor, size: int) -> Tensor:
+    """The first ``size`` positions [size] of ``valid`` [count] bool in ``keys`` order, every valid
+    position before every invalid one; the first ``m`` of them are a uniformly random subset of
+    the valid positions for any ``m`` <= #valid. Fixed shapes, so nothing is read on the host."""
+    order = torch.where(valid, keys, _PRIME).sort(stable=True).indices
+    return order[:size]
 
 
 def dim_alignment_rows(regions: Tensor, region_mask: Tensor, words: Tensor, word_mask: Tensor,
                        words_for_regions: Tensor, regions_for_words: Tensor, max_rows: int | None = None,
-                       generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-    """The matrices ``M_V``, ``M_T`` [2N, d] whose columns L_dim aligns (METHODS.md DIAS 2).
+                       seed: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """The matrices ``M_V``, ``M_T`` [K, d] whose columns L_dim aligns (METHODS.md DIAS 2), and the
+    0/1 weights ``keep`` [K] of their rows.
 
     Known: L_dim works on the local embeddings, one row per token. Reconstructed: row n of ``M_V`` and
     row n of ``M_T`` describe the *same* token in both modalities — a region with its text context
     (``regions``, ``words_for_regions``) or an image context with its word (``regions_for_words``,
     ``words``) — so that a cross-correlation of columns is meaningful. The two token kinds are
     equalised in count (N = fewer of valid regions / valid words, capped at ``max_rows // 2``) by
-    a random subset (:func:`subsample`, from ``generator``) of each kind's valid tokens over the
-    whole batch, so neither modality dominates the column statistics and every token can be a row.
-    The regions are drawn first, then the words, from the one generator.
+    a random subset of each kind's valid tokens over the whole batch (:func:`pick_valid`, keys from
+    ``seed``), so neither modality dominates the column statistics and every token can be a row.
+
+    N depends on the masks, so instead of N rows (a data-dependent shape: a host sync) the result
+    has a fixed K = min(cap, B·R) + min(cap, B·L) rows, the kept ones first within each kind; the
+    rest are zero with ``keep`` 0. ``cross_correlation(m_v, m_t, keep)`` equals the correlation of
+    the 2N kept rows alone.
     """
-    region_rows = region_mask.flatten().nonzero().squeeze(1)
-    word_rows = word_mask.flatten().nonzero().squeeze(1)
-    n = min(region_rows.numel(), word_rows.numel())
-    if max_rows is not None:
-        n = min(n, max_rows // 2)
-    region_rows = region_rows[subsample(region_rows.numel(), n, generator).to(region_rows.device)]
-    word_rows = word_rows[subsample(word_rows.numel(), n, generator).to(word_rows.device)]
     d = regions.shape[-1]
+    seed = torch.zeros((), dtype=torch.int64, device=regions.device) if seed is None else seed
+    region_valid, word_valid = region_mask.flatten(), word_mask.flatten()
+    cap = max_rows // 2 if max_rows is not None else max(region_valid.numel(), word_valid.numel())
+    n = torch.minimum(region_valid.sum(), word_valid.sum()).clamp_max(cap)  # [] on the device
+    region_rows = pick_valid(region_valid, random_keys(seed, region_valid.numel(), 1),
+                             min(cap, region_valid.numel()))
+    word_rows = pick_valid(word_valid, random_keys(seed, word_valid.numel(), 2), min(cap, word_valid.numel()))
+    keep = torch.cat([torch.arange(len(region_rows), device=n.device) < n,
+                      torch.arange(len(word_rows), device=n.device) < n])
     m_v = torch.cat([regions.reshape(-1, d)[region_rows], regions_for_words.reshape(-1, d)[word_rows]])
     m_t = torch.cat([words_for_regions.reshape(-1, d)[region_rows], words.reshape(-1, d)[word_rows]])
-    return m_v, m_t
+    # where, not a product: a padded token's garbage (even a NaN) must not reach the statistics.
+    row_keep = keep.unsqueeze(1)
+    return torch.where(row_keep, m_v, 0.0), torch.where(row_keep, m_t, 0.0), keep.to(m_v.dtype)
 
 
 # --- 2. L_dim: dimension information alignment ------------------------------------------------
 
 
-def cross_correlation(m_v: Tensor, m_t: Tensor, eps: float = 1e-5) -> Tensor:
+def cross_correlation(m_v: Tensor, m_t: Tensor, weight: Tensor | None = None, eps: float = 1e-5) -> Tensor:
     """[N, d] x [N, d] -> [d, d] cross-correlation of standardised columns (METHODS.md DIAS 2).
 
     ``C_ab = (1/N) Σ_n ẑ_v[n, a] ẑ_t[n, b]`` with columns standardised by their batch mean and
     population std (``sqrt(var + eps)``, the BatchNorm guard: constant columns give 0, not NaN).
     Without eps this is the Pearson correlation, i.e. the cosine of the centred, l2-normalised columns.
+    ``weight`` [N] (0/1, default all 1) keeps rows out: the result equals that of the rows with
+    weight 1 alone (``dim_alignment_rows`` marks its padding rows so, at a fixed shape).
     Known: a cross-correlation of dimension vectors. Reconstructed: standardisation details.
     """
-    # Same numbers as standardising the columns and multiplying, but formed from the raw moments:
-    # the [N, d] inputs are read by one matmul and one var_mean each instead of being rewritten
-    # twice (benchmarks/dias_step.py). Fine in float32 unless |column mean| >> column std.
-    count = m_v.shape[0]
-    var_v, mean_v = torch.var_mean(m_v, dim=0, correction=0)
-    var_t, mean_t = torch.var_mean(m_t, dim=0, correction=0)
-    cov = m_v.t() @ m_t / count - mean_v.unsqueeze(1) * mean_t.unsqueeze(0)  # [d, d]
+    # Centred before the products (not the raw moments E[xy] − E[x]E[y], which cancel when
+    # |column mean| >> column std); the two extra [N, d] passes are cheap next to the matmul.
+    share = (weight if weight is not None else m_v.new_ones(m_v.shape[0])).unsqueeze(1)
+    share = share / share.sum().clamp_min(1e-12)  # [N, 1], sums to 1 over the kept rows
+    centred_v = m_v - (share * m_v).sum(0)
+    centred_t = m_t - (share * m_t).sum(0)
+    var_v = (share * centred_v.pow(2)).sum(0)
+    var_t = (share * centred_t.pow(2)).sum(0)
+    cov = (share * centred_v).t() @ centred_t  # [d, d]
     return cov / ((var_v + eps).sqrt().unsqueeze(1) * (var_t + eps).sqrt().unsqueeze(0))
 
 

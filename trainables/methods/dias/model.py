@@ -8,6 +8,10 @@ the training path, where it feeds L_dim.
 ``forward`` is per-sample (under DDP the loop gathers its outputs across workers before
 ``loss_terms``); every in-batch quantity — the rows of L_dim, the correlation, the masks, the
 spatial terms — is computed in ``loss_terms`` from the gathered batch.
+
+Everything after the encoders runs in float32 with autocast off (``trainables/precision.py``), and
+nothing reads a tensor on the host: the stats are 0-dim device tensors, the rows of L_dim have a
+fixed count with 0/1 weights instead of a data-dependent one.
 """
 
 from __future__ import annotations
@@ -22,17 +26,11 @@ from trainables.losses import same_image_mask
 from trainables.methods.dias import losses as dl
 from trainables.methods.dias.config import DiasConfig
 from trainables.model import ITMModel, LossOutput
+from trainables.precision import full_precision, upcast
 
 
 def logit(p: float) -> float:
     return math.log(p / (1 - p))
-
-
-def row_generator(image_ids: Tensor) -> torch.Generator:
-    """The RNG that picks L_dim's rows, seeded by the batch's image ids: every DDP rank sees the same
-    gathered batch and so picks the same rows, each batch picks new ones, and training's global RNG
-    is left alone. (Python's hash of a tuple of ints does not depend on PYTHONHASHSEED.)"""
-    return torch.Generator().manual_seed(hash(tuple(image_ids.tolist())) % 2**63)
 
 
 class DiasModel(ITMModel):
@@ -70,10 +68,11 @@ class DiasModel(ITMModel):
 
     def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         out = super().forward(batch)
-        if self.params.use_dim:  # within each matched pair: per-sample
-            out["dim_words_for_regions"], out["dim_regions_for_words"] = dl.cross_attend(
-                out["img_tokens"], out["img_mask"], out["txt_tokens"], out["txt_mask"],
-                self.params.attn_temperature)
+        if self.params.use_dim:  # within each matched pair: per-sample; softmax(cos / 0.1) in fp32
+            with full_precision(out["img_tokens"].device):
+                out["dim_words_for_regions"], out["dim_regions_for_words"] = dl.cross_attend(
+                    upcast(out["img_tokens"]), out["img_mask"], upcast(out["txt_tokens"]), out["txt_mask"],
+                    self.params.attn_temperature)
         return out
 
     def batch_scale(self, batch_size: int) -> int:
@@ -82,21 +81,19 @@ class DiasModel(ITMModel):
         means the same at any batch size and with either alignment loss (docs/methods.md)."""
         return batch_size if self.align.kind == "triplet" else 1
 
-    def dim_rows(self, out: dict[str, Tensor], image_ids: Tensor) -> tuple[Tensor, Tensor]:
-        """``M_V``, ``M_T`` [2N, d] of the whole (gathered) batch."""
+    def dim_rows(self, out: dict[str, Tensor], image_ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``M_V``, ``M_T`` [K, d] of the whole (gathered) batch and their rows' 0/1 weights [K]
+        (``dl.dim_alignment_rows``; the random rows are keyed by the batch's image ids)."""
         return dl.dim_alignment_rows(out["img_tokens"], out["img_mask"], out["txt_tokens"], out["txt_mask"],
                                      out["dim_words_for_regions"], out["dim_regions_for_words"],
-                                     self.params.dim_max_rows, row_generator(image_ids))
+                                     self.params.dim_max_rows, dl.batch_seed(image_ids))
 
     @staticmethod
-    def correlation(m_v: Tensor, m_t: Tensor) -> Tensor:
-        """C [d, d] of the rows ``M_V``, ``M_T`` in float32.
-
-        bf16 autocast (CUDA) would wreck the raw-moment form E[xy] − E[x]E[y], which cancels; the
-        context manager is a no-op where autocast is off (CPU, fp32 runs).
-        """
-        with torch.autocast(m_v.device.type, enabled=False):
-            return dl.cross_correlation(m_v.float(), m_t.float())
+    def correlation(m_v: Tensor, m_t: Tensor, keep: Tensor) -> Tensor:
+        """C [d, d] of the kept rows of ``M_V``, ``M_T``, in float32 with autocast off (already so
+        inside the loop's fp32 island; kept for callers outside it)."""
+        with full_precision(m_v.device):
+            return dl.cross_correlation(upcast(m_v), upcast(m_t), keep)
 
     def dim_term(self, corr: Tensor) -> Tensor:
         """L_dim in the configured variant, before the batch scale; corr [d, d] -> scalar."""
@@ -123,7 +120,7 @@ class DiasModel(ITMModel):
                               hard=self.params.sparsity_mode == "hard")
 
     def spatial_terms(self, img: Tensor, txt: Tensor,
-                      image_ids: Tensor) -> tuple[dict[str, Tensor], dict[str, float]]:
+                      image_ids: Tensor) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """L_inter, L_intra (those switched on, before the batch scale) and their mask densities.
 
         Computed in float32 with autocast off: Δ is a difference of two cosine distances near 1, and
@@ -135,11 +132,11 @@ class DiasModel(ITMModel):
         unmatched = ~same_image_mask(image_ids)
         count = unmatched.sum().clamp_min(1)
         terms, stats = {}, {}
-        with torch.autocast(img.device.type, enabled=False):
-            img, txt = img.float(), txt.float()
+        with full_precision(img.device):
+            img, txt = upcast(img), upcast(txt)
             if p.sparse_on == "relation":
                 weight = self.pair_weights(img, txt, image_ids)  # one mask for both terms
-                stats["mask_density"] = float(weight.detach().sum() / count)
+                stats["mask_density"] = weight.detach().sum() / count
             for name, delta_fn in deltas.items():
                 if not getattr(p, f"use_{name}"):
                     continue
@@ -149,7 +146,7 @@ class DiasModel(ITMModel):
                     continue
                 mask = (dl.violation_mask(delta.detach(), unmatched, self.threshold_k()) if p.use_sparse
                         else unmatched.to(delta.dtype))
-                stats[f"mask_density_{name}"] = float(mask.sum() / count)
+                stats[f"mask_density_{name}"] = mask.sum() / count
                 terms[name] = dl.spatial_sum(delta, mask)
         return terms, stats
 
@@ -158,11 +155,11 @@ class DiasModel(ITMModel):
         img, txt = out["img_emb"], out["txt_emb"]
         scale = self.batch_scale(img.shape[0])
         terms = {"align": self.align(self.similarity(img, txt), image_ids, epoch)}
-        stats = {"sparsity_k": float(self.threshold_k().detach())}
+        stats = {"sparsity_k": self.threshold_k().detach()}
         if p.use_dim:
             corr = self.correlation(*self.dim_rows(out, image_ids))
             terms["dim"] = scale * self.dim_term(corr)
-            stats["dim_corr_diag"] = float(corr.diagonal().mean().detach())
+            stats["dim_corr_diag"] = corr.diagonal().mean().detach()
         if p.use_inter or p.use_intra:
             spatial, spatial_stats = self.spatial_terms(img, txt, image_ids)
             terms.update({name: scale * value for name, value in spatial.items()})
