@@ -250,3 +250,23 @@ def test_a_killed_encode_leaves_nothing_behind_once_the_entry_is_built(data_root
     other.mkdir()
     text = cached_text_features(split, backbone, tokenizer, 40, torch.device("cpu"))
     assert text.path == base / key and not dead.exists() and other.exists()
+
+
+def test_checkpoints_leave_the_frozen_backbone_out_and_resume_checks_it(data_root, tmp_path):
+    """A frozen encoder never changes, so checkpoints keep only its digest (MiniLM would be 91 MB of
+    every epoch's checkpoint); resuming rebuilds it and refuses a backbone with other weights."""
+    from trainables.errors import ITMError
+    from trainables.loop import CHECKPOINT_FILE, FROZEN_TEXT
+
+    job = tiny_job(data_root, cache=True)
+    one_epoch = job.model_copy(update={"train": job.train.model_copy(update={"epochs": 1})})
+    first = fit(one_epoch, LocalReporter(tmp_path / "run"))
+    state = torch.load(tmp_path / "run" / "checkpoint_0001" / CHECKPOINT_FILE, weights_only=True)
+    assert state["frozen_text"] and not any(key.startswith(FROZEN_TEXT) for key in state["model"])
+    assert any(key.startswith("text_encoder.proj.") for key in state["model"])  # the trained part stays
+    history = fit(job, LocalReporter(tmp_path / "run"))
+    assert [m["epoch"] for m in history] == [1, 2] and history[0] == first[0]
+    # Another seed draws another random tiny backbone: not the encoder the checkpoint was trained with.
+    other = job.model_copy(update={"train": job.train.model_copy(update={"seed": 1, "epochs": 3})})
+    with pytest.raises(ITMError, match="another frozen text encoder"):
+        fit(other, LocalReporter(tmp_path / "run"))

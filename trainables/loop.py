@@ -30,9 +30,11 @@ from trainables.data import (
     set_epoch,
 )
 from trainables.data.precomp import FOLD_IMAGES
+from trainables.data.text_cache import encoder_digest
 from trainables.budget import term_budget
 from trainables.device import autocast, choose_device, set_deterministic
 from trainables.distributed import gather_batch, rank_seed, wrap_ddp
+from trainables.errors import ITMError
 from trainables.evaluation import RECALL_AT, evaluate
 from trainables.malloc import keep_freed_memory
 from trainables.methods import build_model
@@ -42,6 +44,7 @@ from trainables.step_stats import StepStats
 from trainables.text_models import load_tokenizer
 
 CHECKPOINT_FILE = "state.pt"
+FROZEN_TEXT = "text_encoder.backbone."  # state-dict keys of the text backbone, left out when frozen
 # Checkpoint selection: test metrics are reported at the epoch with the best validation rSum.
 SELECT_METRIC = "rsum"
 BEST_PREFIX, BEST_EPOCH = "best_", "best_epoch"
@@ -252,9 +255,37 @@ def publish(reporter: Reporter, history: list[dict[str, float]], model, optimize
         reporter.report(history[-1], None)
         return
     with tempfile.TemporaryDirectory(prefix="itm-ckpt-") as tmp:
-        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+        torch.save({**model_state(model), "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), "history": history}, os.path.join(tmp, CHECKPOINT_FILE))
         reporter.report(history[-1], tmp)
+
+
+def model_state(model: ITMModel) -> dict:
+    """``{"model": state_dict}`` for a checkpoint. A frozen text backbone is left out, and named by
+    the digest of its weights (``frozen_text``): it never changes, ``fit`` rebuilds it identically
+    (same source, same seed), and it would otherwise be most of every epoch's checkpoint (91 MB for
+    MiniLM against a few MB of trained weights). ``load_model_state`` checks the digest."""
+    state = model.state_dict()
+    if not model.text_encoder.frozen:
+        return {"model": state}
+    kept = {key: value for key, value in state.items() if not key.startswith(FROZEN_TEXT)}
+    return {"model": kept, "frozen_text": encoder_digest(model.text_encoder.backbone)}
+
+
+def load_model_state(model: ITMModel, state: dict) -> None:
+    """The inverse of ``model_state``: the frozen backbone built now must be the one trained with."""
+    digest = state.get("frozen_text")
+    if digest is None:
+        model.load_state_dict(state["model"])
+        return
+    if not model.text_encoder.frozen or encoder_digest(model.text_encoder.backbone) != digest:
+        raise ITMError("the checkpoint was trained with another frozen text encoder than the one built now "
+                       "(model.text_encoder, model.freeze_text or the encoder's weights changed); "
+                       "start a fresh run instead of resuming this one")
+    missing, unexpected = model.load_state_dict(state["model"], strict=False)
+    wrong = [key for key in missing if not key.startswith(FROZEN_TEXT)] + list(unexpected)
+    if wrong:
+        raise ITMError(f"the checkpoint does not fit this model: {', '.join(wrong[:5])} missing or unexpected")
 
 
 def restore(checkpoint_dir: str | None, model, optimizer, scheduler, device=None) -> list[dict[str, float]]:
@@ -267,7 +298,7 @@ def restore(checkpoint_dir: str | None, model, optimizer, scheduler, device=None
     if checkpoint_dir is None:
         return []
     state = torch.load(os.path.join(checkpoint_dir, CHECKPOINT_FILE), map_location="cpu", weights_only=True)
-    model.load_state_dict(state["model"])
+    load_model_state(model, state)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     return list(state["history"])
