@@ -1,6 +1,7 @@
 """The GPU check: what the CUDA path does that CPU tests cannot show, in one run on one GPU.
 
-    bash benchmarks/gpu_check.sh --out gpu_check.md      # on a GPU machine (at most ~8 min on one H200)
+    bash benchmarks/gpu_check.sh --out gpu_check.md      # on a GPU machine (at most ~8 min on one H200);
+                                                          # also writes its section into results.md
     bash benchmarks/gpu_check.sh --dry-run                # the same code on the CPU, tiny shapes (CI)
     python -m benchmarks.gpu_check --merge gpu_check.md   # put a GPU run's section into results.md
 
@@ -518,6 +519,8 @@ def main(argv: list[str] | None = None) -> int:
     print(section)
     if args.out:
         Path(args.out).write_text(section)
+    if not args.dry_run:  # on a GPU machine with its own checkout; a device loan brings back --out instead
+        merge(section)
     return 1 if any(row.verdict == "FAIL" for row in rows) else 0
 
 
