@@ -331,7 +331,7 @@ def check_resume(shapes: Shapes, data_root: Path, device: torch.device, tmp: Pat
     model, optimizer = build(job, device)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, [10])
     with reporter.latest_checkpoint() as where:
-        history = restore(where, model, optimizer, scheduler, device)
+        history = restore(where, model, optimizer, scheduler)
     after, syncs_after = per_step(job, model, optimizer, batch, shapes, device)
     step_devices = {str(state["step"].device) for state in optimizer.state.values() if "step" in state}
     # Step times are compared on the GPU only: at the dry run's tiny shapes CPU timings are noise.

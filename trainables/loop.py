@@ -123,7 +123,7 @@ def fit(job: JobConfig, reporter: Reporter, device: torch.device | None = None) 
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(job.train.lr_decay_epochs),
                                                      gamma=job.train.lr_decay_gamma)
     with reporter.latest_checkpoint() as checkpoint_dir:
-        history = restore(checkpoint_dir, model, optimizer, scheduler, device)
+        history = restore(checkpoint_dir, model, optimizer, scheduler)
     net = TrainStep(model)
     if reporter.world_size > 1:
         net = wrap_ddp(net, device)
@@ -288,13 +288,13 @@ def load_model_state(model: ITMModel, state: dict) -> None:
         raise ITMError(f"the checkpoint does not fit this model: {', '.join(wrong[:5])} missing or unexpected")
 
 
-def restore(checkpoint_dir: str | None, model, optimizer, scheduler, device=None) -> list[dict[str, float]]:
+def restore(checkpoint_dir: str | None, model, optimizer, scheduler) -> list[dict[str, float]]:
     """Load a checkpoint written by ``publish``; returns the history of the epochs it covers.
 
     Loaded onto the CPU: ``load_state_dict`` moves the weights and AdamW's moments to each parameter's
     device but leaves AdamW's ``step`` counters where they were loaded. On the GPU (the old
     ``map_location=device``), foreach AdamW reads every counter with ``.item()``: a host sync per
-    parameter in every step after a resume. (``device`` is unused, kept for callers.)"""
+    parameter in every step after a resume."""
     if checkpoint_dir is None:
         return []
     state = torch.load(os.path.join(checkpoint_dir, CHECKPOINT_FILE), map_location="cpu", weights_only=True)
